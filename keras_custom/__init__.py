@@ -1,0 +1,10 @@
+"""keras_custom: Keras models whose train step runs pluggable, serializable hooks."""
+
+from keras_custom import hooks as hooks
+from keras_custom.hook import Hook as Hook
+from keras_custom.hook import Strength as Strength
+from keras_custom.models import Functional as Functional
+from keras_custom.models import Model as Model
+from keras_custom.models import Sequential as Sequential
+
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""Argument checks shared by the hooks: each error names the hook and the argument
+and echoes the value it received."""
+
+import numbers
+import re
+
+import keras
+
+_SCHEDULE = keras.optimizers.schedules.LearningRateSchedule
+
+
+def _owner(hook):
+    return hook if isinstance(hook, str) else type(hook).__name__
+
+
+def strength(hook, name, value, minimum=0.0, inclusive=False):
+    """A float >= / > `minimum`, or a `LearningRateSchedule` (returned as is)."""
+    if isinstance(value, _SCHEDULE):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{_owner(hook)}: `{name}` must be a float or a "
+            f"keras.optimizers.schedules.LearningRateSchedule. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    value = float(value)
+    ok = value >= minimum if inclusive else value > minimum
+    if not ok or value != value or value == float("inf"):
+        bound = ">=" if inclusive else ">"
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be a finite float {bound} {minimum:g}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def step(hook, name, value):
+    """A non-negative integer step."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be an integer >= 0. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def patterns(hook, name, value):
+    """`None`, a regular expression, or a list of them -> tuple of strings."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    try:
+        items = list(items)
+    except TypeError:
+        items = [items]
+    if not items:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be a regular expression or a non-empty "
+            f"list of them. Received: {name}={value!r}"
+        )
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(
+                f"{_owner(hook)}: `{name}` must contain strings (regular expressions "
+                f"searched in `variable.path`). Received: {name}={value!r}"
+            )
+        try:
+            re.compile(item)
+        except re.error as e:
+            raise ValueError(
+                f"{_owner(hook)}: `{name}` has an invalid regular expression "
+                f"{item!r} ({e}). Received: {name}={value!r}"
+            ) from None
+    return tuple(items)
+
+
+def one_of(hook, name, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be one of {sorted(choices)}. "
+            f"Received: {name}={value!r}"
+        )
+    return value

@@ -1,0 +1,123 @@
+"""Logging hooks: scalars reported through `Hook.log` (epoch means in the logs)."""
+
+import keras
+from keras import ops
+
+from keras_custom.hook import Hook
+from keras_custom.hooks.clipping import global_norm
+
+
+def _layer_of(variable):
+    """The layer part of a variable path: `"dense_1/kernel"` -> `"dense_1"`."""
+    path = variable.path
+    return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+@keras.saving.register_keras_serializable(package="keras_custom")
+class LogGradNorm(Hook):
+    """Logs the global L2 norm of the gradients as they are at its place in the list.
+
+    Put one before and one after a clipping hook (with different names) to see the
+    norm before and after clipping.
+
+    Args:
+        per_layer: also log the norm of each layer's gradients as
+            `<name>/<layer path>`.
+        name: the log name (default `"grad_norm"`).
+        **kwargs: `start_step`, `stop_step` (see `Hook`).
+
+    Example:
+
+    >>> LogGradNorm(name="grad_norm_raw").name
+    'grad_norm_raw'
+    """
+
+    def __init__(self, per_layer=False, name="grad_norm", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not isinstance(per_layer, bool):
+            raise TypeError(
+                "LogGradNorm: `per_layer` must be a bool. "
+                f"Received: per_layer={per_layer!r}"
+            )
+        self.per_layer = per_layer
+        self._layers = {}
+
+    def build(self, model):
+        self.declare_log(self.name)
+        if self.per_layer:
+            self._layers = {}
+            for i, v in enumerate(model.trainable_variables):
+                self._layers.setdefault(_layer_of(v), []).append(i)
+            for layer in self._layers:
+                self.declare_log(f"{self.name}/{layer}")
+
+    def process_gradients(self, grads, variables, step):
+        self.log(self.name, global_norm(grads))
+        if self.per_layer:
+            for layer, indices in self._layers.items():
+                self.log(f"{self.name}/{layer}", global_norm([grads[i] for i in indices]))
+        return grads
+
+    def get_config(self):
+        config = super().get_config()
+        config["per_layer"] = self.per_layer
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_custom")
+class LogWeightNorm(Hook):
+    """Logs the global L2 norm of the trainable weights after each update.
+
+    Args:
+        name: the log name (default `"weight_norm"`).
+        **kwargs: `start_step`, `stop_step` (see `Hook`).
+
+    Example:
+
+    >>> LogWeightNorm().name
+    'weight_norm'
+    """
+
+    def __init__(self, name="weight_norm", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def build(self, model):
+        self.declare_log(self.name)
+
+    def after_update(self, model, step):
+        self.log(self.name, global_norm(model.trainable_variables))
+
+
+def learning_rate_at(optimizer, step):
+    """The learning rate `optimizer` used at `step` (a float32 tensor)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    lr = inner._learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        return ops.cast(lr(step), "float32")
+    if callable(lr) and not isinstance(lr, keras.Variable):
+        return ops.cast(lr(), "float32")
+    return ops.cast(lr, "float32")
+
+
+@keras.saving.register_keras_serializable(package="keras_custom")
+class LogLearningRate(Hook):
+    """Logs the optimizer's learning rate at each step (schedules evaluated).
+
+    Args:
+        name: the log name (default `"learning_rate"`).
+        **kwargs: `start_step`, `stop_step` (see `Hook`).
+
+    Example:
+
+    >>> LogLearningRate().name
+    'learning_rate'
+    """
+
+    def __init__(self, name="learning_rate", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def build(self, model):
+        self.declare_log(self.name)
+
+    def after_update(self, model, step):
+        self.log(self.name, learning_rate_at(model.optimizer, step))

@@ -1,0 +1,113 @@
+"""Regularization hooks: loss terms on the weights."""
+
+import keras
+from keras import ops
+
+from keras_custom import _selection
+from keras_custom import _validation
+from keras_custom.hook import Hook
+from keras_custom.hook import Strength
+
+
+def weight_penalty(weights, l1=0.0, l2=0.0):
+    """`l1 * sum|w| + l2 * sum w**2` over `weights` (Keras's regularizer convention).
+
+    Args:
+        weights: a list of tensors.
+        l1: the L1 strength (float or scalar tensor).
+        l2: the L2 strength (float or scalar tensor).
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> float(weight_penalty([keras.ops.array([1.0, -2.0])], l1=0.5, l2=0.1))
+    2.0
+    """
+    total_abs = ops.convert_to_tensor(0.0, "float32")
+    total_sq = ops.convert_to_tensor(0.0, "float32")
+    for w in weights:
+        w = ops.cast(w, "float32")
+        total_abs = total_abs + ops.sum(ops.abs(w))
+        total_sq = total_sq + ops.sum(ops.square(w))
+    return ops.cast(l1, "float32") * total_abs + ops.cast(l2, "float32") * total_sq
+
+
+@keras.saving.register_keras_serializable(package="keras_custom")
+class WeightPenalty(Hook):
+    """Adds `l1 * sum|w| + l2 * sum w**2` to the loss and logs it as `weight_penalty`.
+
+    By default it acts on kernels and embedding tables, not on biases or the
+    scale/offset of normalization layers. The term is part of `loss` and of
+    `val_loss`, as Keras's own `kernel_regularizer` would be.
+
+    Args:
+        l1: L1 strength, a float >= 0 or a `LearningRateSchedule`.
+        l2: L2 strength, a float >= 0 or a `LearningRateSchedule`.
+        include: regular expression(s) searched in `variable.path`; replaces the
+            default selection.
+        exclude: regular expression(s); removes matching variables.
+        name: the log name (default `"weight_penalty"`).
+        **kwargs: `start_step`, `stop_step` (see `Hook`).
+
+    Example:
+
+    >>> hook = WeightPenalty(l2=1e-4, exclude="output")
+    >>> hook.l2
+    0.0001
+    """
+
+    l1 = Strength(minimum=0.0, inclusive=True)
+    l2 = Strength(minimum=0.0, inclusive=True)
+
+    def __init__(self, l1=0.0, l2=0.0, include=None, exclude=None, name="weight_penalty",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.l1 = l1
+        self.l2 = l2
+        if l1 == 0.0 and l2 == 0.0:
+            raise ValueError(
+                "WeightPenalty: at least one of `l1` and `l2` must be non-zero. "
+                f"Received: l1={l1!r}, l2={l2!r}"
+            )
+        self.include = _validation.patterns(self, "include", include)
+        self.exclude = _validation.patterns(self, "exclude", exclude)
+        self._weights = []
+
+    def build(self, model):
+        self._weights = _selection.select(
+            self,
+            model.trainable_variables,
+            self.include,
+            self.exclude,
+            default=_selection.is_kernel_like,
+        )
+        if not self._weights:
+            raise ValueError(
+                "WeightPenalty: no variable to penalize (the model has no kernel or "
+                "embedding among its trainable variables, or `exclude` removed them "
+                f"all). Received: include={self.include!r}, exclude={self.exclude!r}"
+            )
+        self.declare_log(self.name)
+
+    def loss_term(self, model, x, y, y_pred, sample_weight, training):
+        penalty = weight_penalty(
+            self._weights, self.strength("l1"), self.strength("l2")
+        )
+        self.log(self.name, penalty)
+        return penalty
+
+    @property
+    def weights(self):
+        """The variables the penalty acts on (after `build`)."""
+        return list(self._weights)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(include=_listify(self.include), exclude=_listify(self.exclude))
+        return config
+
+
+def _listify(patterns):
+    return None if patterns is None else list(patterns)

@@ -1,0 +1,458 @@
+"""The staged step, written once with `keras.ops`.
+
+`HookedTrainer` is mixed in before a Keras model class. It owns what every backend
+shares: `compile(hooks=...)`, the hooks' loss terms, the gradient stages, the
+optimizer update (with the loss-scale and skip logic), the after-update stage and the
+log trackers. The part that differs per backend (how gradients are taken, how the
+step is compiled) lives in `keras_custom/backend/<name>.py`.
+"""
+
+import weakref
+
+import keras
+from keras import ops
+from keras.src.losses import loss as loss_module
+from keras.src.saving import serialization_lib
+
+from keras_custom.hook import Hook
+
+_LSO = keras.optimizers.LossScaleOptimizer
+
+
+class _StepContext:
+    """What a hook can reach of its model during a step (held weakly)."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self):
+        return self._model()
+
+    def log(self, hook, name, value, reduction):
+        self.model._kc_log(hook, name, value, reduction)
+
+    def skip_update(self, hook, condition):
+        self.model._kc_skip_update(hook, condition)
+
+
+def _is_overridden(hook, stage):
+    return getattr(type(hook), stage) is not getattr(Hook, stage)
+
+
+def _validate_hooks(hooks):
+    if hooks is None:
+        return ()
+    if isinstance(hooks, Hook):
+        hooks = [hooks]
+    try:
+        hooks = list(hooks)
+    except TypeError:
+        raise TypeError(
+            "compile: `hooks` must be a list of keras_custom.Hook instances. "
+            f"Received: hooks={hooks!r}"
+        ) from None
+    seen = set()
+    for i, hook in enumerate(hooks):
+        if isinstance(hook, type) and issubclass(hook, Hook):
+            raise TypeError(
+                f"compile: `hooks[{i}]` is the class {hook.__name__}, not an instance. "
+                f"Write {hook.__name__}(...). Received: hooks[{i}]={hook!r}"
+            )
+        if not isinstance(hook, Hook):
+            raise TypeError(
+                f"compile: `hooks[{i}]` must be a keras_custom.Hook instance. "
+                f"Received: hooks[{i}]={hook!r} of type {type(hook).__name__}"
+            )
+        if id(hook) in seen:
+            raise ValueError(
+                f"compile: `hooks[{i}]` ({type(hook).__name__}) appears twice in "
+                "`hooks`; pass separate instances."
+            )
+        seen.add(id(hook))
+    return tuple(hooks)
+
+
+class HookedTrainer:
+    """The hook-aware parts of the train and test steps (backend-independent)."""
+
+    _kc_hooks = ()
+    _kc_trackers = None
+    _kc_evaluating = False
+    _kc_eval_names = None
+    _kc_window = None
+    _kc_skips = None
+    _kc_loss_value = None
+    _kc_lso_finite = None
+    _kc_in_test = False
+
+    # ------------------------------------------------------------------ compile
+    def compile(self, *args, hooks=None, **kwargs):
+        """Configures the model for training, as `keras.Model.compile`, plus hooks.
+
+        Args:
+            *args: as `keras.Model.compile`.
+            hooks: a list of `keras_custom.Hook` instances, run in list order at
+                each stage of the train and test steps.
+            **kwargs: as `keras.Model.compile`.
+
+        A failed `compile` (a bad hook, a bad Keras argument, a hook pattern that
+        matches no variable of a built model) leaves the model as it was.
+        """
+        hooks = _validate_hooks(hooks)
+        saved = dict(self.__dict__)
+        try:
+            super().compile(*args, **kwargs)
+            self._kc_set("_kc_hooks", hooks)
+            self._kc_set("_kc_trackers", {})
+            self._kc_set("_kc_eval_names", set())
+            for hook in hooks:
+                owner = hook._context.model if hook._context is not None else None
+                if owner is not None and owner is not self:
+                    raise ValueError(
+                        f"compile: {type(hook).__name__} is already attached to the "
+                        f"model {owner.name!r}; a hook holds the state of one model. "
+                        "Pass a new instance (e.g. `Hook.from_config(h.get_config())`)."
+                    )
+            if self.built:
+                self._kc_build_hooks()
+        except Exception:
+            for key in list(self.__dict__):
+                if key not in saved:
+                    object.__delattr__(self, key)
+            for key, value in saved.items():
+                object.__setattr__(self, key, value)
+            raise
+
+    @property
+    def hooks(self):
+        """The hooks given to `compile`, in the order they run."""
+        return list(self._kc_hooks)
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and self._kc_hooks:
+            config["hooks"] = [
+                serialization_lib.serialize_keras_object(h) for h in self._kc_hooks
+            ]
+        return config
+
+    def compile_from_config(self, config):
+        config = serialization_lib.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+            self._kc_build_hooks()
+
+    def _kc_set(self, name, value):
+        object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------- build
+    def _kc_build_hooks(self):
+        """Builds every hook not built yet (eagerly, outside any compiled step)."""
+        pending = [h for h in self._kc_hooks if not h.built]
+        if not pending:
+            return
+        from keras_custom.backend import build_scope
+
+        with build_scope(self):
+            context = _StepContext(self)
+            for hook in pending:
+                hook._context = context
+                hook._build(self)
+
+    def _symbolic_build(self, *args, **kwargs):
+        super()._symbolic_build(*args, **kwargs)
+        self._kc_build_hooks()
+
+    # ----------------------------------------------------------------- logging
+    def _kc_tracker(self, name, reduction):
+        tracker = self._kc_trackers.get(name)
+        if tracker is None:
+            from keras_custom.backend import build_scope
+
+            with build_scope(self):
+                if reduction == "sum":
+                    tracker = keras.metrics.Sum(name=name)
+                else:
+                    tracker = keras.metrics.Mean(name=name)
+            self._kc_trackers[name] = tracker
+        return tracker
+
+    def _kc_log(self, hook, name, value, reduction):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"{type(hook).__name__}: `reduction` must be 'mean' or 'sum'. "
+                f"Received: reduction={reduction!r}"
+            )
+        tracker = self._kc_tracker(name, reduction)
+        if value is None:
+            return
+        if self._kc_in_test:
+            self._kc_eval_names.add(name)
+        value = ops.cast(value, "float32")
+        weight = self._kc_window
+        if weight is not None:
+            tracker.update_state(value, sample_weight=weight)
+        else:
+            tracker.update_state(value)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self.compiled and self._kc_trackers:
+            metrics = metrics + list(self._kc_trackers.values())
+        return metrics
+
+    def get_metrics_result(self):
+        result = super().get_metrics_result()
+        if self._kc_evaluating and self._kc_trackers:
+            for name in self._kc_trackers:
+                if name not in self._kc_eval_names:
+                    result.pop(name, None)
+        return result
+
+    def evaluate(self, *args, **kwargs):
+        previous = self._kc_evaluating
+        self._kc_set("_kc_evaluating", True)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._kc_set("_kc_evaluating", previous)
+
+    # ----------------------------------------------------------- hook windows
+    def _kc_run(self, hook, step, fn):
+        """Runs one hook stage, with its window applied to what it logs."""
+        if not hook.has_window or step is None:
+            return fn(), None
+        active = hook.is_active(step)
+        previous = self._kc_window
+        self._kc_set("_kc_window", ops.cast(active, "float32"))
+        try:
+            return fn(), active
+        finally:
+            self._kc_set("_kc_window", previous)
+
+    def current_step(self):
+        """The optimizer's step: updates applied so far (an int64 tensor snapshot)."""
+        return self._kc_step()
+
+    def _kc_step(self):
+        """The optimizer's step before this update (a snapshot, int64)."""
+        if getattr(self, "optimizer", None) is None:
+            return ops.convert_to_tensor(0, "int64")
+        return ops.cast(ops.copy(self.optimizer.iterations), "int64")
+
+    # ------------------------------------------------------------ loss stage
+    def forward(self, x, training):
+        """Stage 1: the forward pass. Returns `y_pred`."""
+        if self._call_has_training_arg:
+            return self(x, training=training)
+        return self(x)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """Stage 2: the compiled loss, `model.losses`, and every hook's loss term.
+
+        The same in the train and the test step, so `loss` and `val_loss` measure
+        the same thing.
+        """
+        loss = super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        hooks = [h for h in self._kc_hooks if _is_overridden(h, "loss_term")]
+        if not hooks:
+            return loss
+        self._kc_build_hooks()
+        step = self._kc_step() if any(h.has_window for h in hooks) else None
+        previous = self._kc_in_test
+        self._kc_set("_kc_in_test", not training)
+        try:
+            for hook in hooks:
+                term, active = self._kc_run(
+                    hook,
+                    step,
+                    lambda: hook.loss_term(self, x, y, y_pred, sample_weight, training),
+                )
+                if term is None:
+                    continue
+                term = ops.cast(term, "float32")
+                if active is not None:
+                    term = ops.where(active, term, ops.zeros_like(term))
+                term = loss_module.scale_loss_for_distribution(term)
+                loss = term if loss is None else ops.add(loss, ops.cast(term, loss.dtype))
+        finally:
+            self._kc_set("_kc_in_test", previous)
+        return loss
+
+    # -------------------------------------------------------- gradient stages
+    def process_gradients(self, grads, variables, step=None):
+        """Stage 4: runs every hook's `process_gradients`, in list order.
+
+        Args:
+            grads: gradients, unscaled and aggregated, in the order of `variables`.
+            variables: the trainable variables.
+            step: the optimizer's step (defaults to `optimizer.iterations`).
+
+        Returns:
+            The processed gradients, same order.
+        """
+        if step is None:
+            step = self._kc_step()
+        grads = list(grads)
+        variables = list(variables)
+        for hook in self._kc_hooks:
+            if not _is_overridden(hook, "process_gradients"):
+                continue
+            new, active = self._kc_run(
+                hook, step, lambda: hook.process_gradients(grads, variables, step)
+            )
+            new = list(new) if new is not None else None
+            if new is None or len(new) != len(grads):
+                raise ValueError(
+                    f"{type(hook).__name__}.process_gradients must return one gradient "
+                    f"per variable ({len(grads)}). Received: "
+                    f"{'None' if new is None else len(new)}"
+                )
+            if active is not None:
+                new = [
+                    g if (g is None or n is None) else ops.where(active, n, g)
+                    for g, n in zip(grads, new)
+                ]
+            grads = new
+        return grads
+
+    def _kc_skip_update(self, hook, condition):
+        if self._kc_skips is None:
+            raise RuntimeError(
+                f"{type(hook).__name__}: `skip_update` can only be called during a "
+                "train step (from `process_gradients`)."
+            )
+        condition = ops.convert_to_tensor(condition)
+        if self._kc_window is not None:
+            condition = ops.logical_and(condition, ops.cast(self._kc_window, "bool"))
+        self._kc_skips.append(condition)
+
+    def apply_update(self, grads, variables, step):
+        """Stage 5: the optimizer update, unless a hook asked to skip this step.
+
+        A skipped step leaves the weights, the optimizer's slots and its step counter
+        bit-identical. Under loss scaling (`LossScaleOptimizer`) a non-finite
+        gradient skips the step and lowers the scale, as Keras does.
+        """
+        optimizer = self.optimizer
+        skip = None
+        for condition in self._kc_skips or ():
+            skip = condition if skip is None else ops.logical_or(skip, condition)
+        lso = isinstance(optimizer, _LSO)
+        inner = optimizer.inner_optimizer if lso else optimizer
+        if lso and self._kc_lso_finite is not None:
+            finite = self._kc_lso_finite
+            go = finite if skip is None else ops.logical_and(finite, ops.logical_not(skip))
+
+            def apply():
+                inner.apply(grads, variables)
+                _lso_on_finite(optimizer)
+
+            def no_apply():
+                def lower():
+                    _lso_on_nonfinite(optimizer)
+
+                ops.cond(finite, lambda: None, lower)
+
+            ops.cond(go, apply, no_apply)
+            return
+        if skip is None:
+            inner.apply(grads, variables)
+        else:
+            ops.cond(skip, lambda: None, lambda: inner.apply(grads, variables))
+
+    def after_update(self, step):
+        """Stage 6: runs every hook's `after_update`, in list order."""
+        for hook in self._kc_hooks:
+            if _is_overridden(hook, "after_update"):
+                self._kc_run(hook, step, lambda: hook.after_update(self, step))
+
+    def _kc_unscale(self, grads):
+        """Undoes the loss scale of a `LossScaleOptimizer` (no-op otherwise)."""
+        optimizer = self.optimizer
+        if not isinstance(optimizer, _LSO):
+            self._kc_set("_kc_lso_finite", None)
+            return grads
+        scale = optimizer.dynamic_scale
+        grads = [
+            None if g is None else ops.divide(g, ops.cast(scale, g.dtype)) for g in grads
+        ]
+        self._kc_set("_kc_lso_finite", optimizer.check_finite(grads))
+        return grads
+
+    def _kc_update(self, loss, grads, variables):
+        """Stages 4-6 for gradients of the (scaled) loss, as the tape gave them."""
+        self._kc_build_hooks()
+        if not optimizer_is_built(self.optimizer):
+            self.optimizer.build(variables)
+        step = self._kc_step()
+        self._kc_set("_kc_skips", [])
+        self._kc_set("_kc_loss_value", loss)
+        try:
+            grads = self._kc_unscale(grads)
+            grads = self.process_gradients(grads, variables, step)
+            self.apply_update(grads, variables, step)
+            self.after_update(step)
+        finally:
+            self._kc_set("_kc_skips", None)
+            self._kc_set("_kc_loss_value", None)
+        return grads
+
+    def apply_hooks(self, grads, variables=None):
+        """The second half of the train step, for a hand-written training loop.
+
+        Runs the gradient hooks, the optimizer update (skipped where a guard asked
+        for it) and the after-update hooks, as `fit` would.
+
+        Args:
+            grads: gradients of the loss, in the order of `variables`. Scaled
+                gradients of a `LossScaleOptimizer` (from `optimizer.scale_loss`)
+                are unscaled first.
+            variables: defaults to `model.trainable_variables`.
+
+        Returns:
+            The gradients as the optimizer received them.
+
+        Example:
+
+        ```python
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.apply_hooks(grads)
+        ```
+        """
+        if variables is None:
+            variables = self.trainable_variables
+        return self._kc_update(None, list(grads), list(variables))
+
+
+def optimizer_is_built(optimizer):
+    return getattr(optimizer, "built", False)
+
+
+def _lso_on_finite(optimizer):
+    def upscale():
+        optimizer.step_counter.assign(0)
+        optimizer.dynamic_scale.assign(ops.multiply(optimizer.dynamic_scale, 2.0))
+
+    def increment():
+        optimizer.step_counter.assign_add(1)
+
+    ops.cond(
+        ops.equal(optimizer.step_counter, optimizer.dynamic_growth_steps - 1),
+        upscale,
+        increment,
+    )
+
+
+def _lso_on_nonfinite(optimizer):
+    optimizer.step_counter.assign(0)
+    optimizer.dynamic_scale.assign(ops.multiply(optimizer.dynamic_scale, 0.5))
