@@ -38,7 +38,8 @@ def step(hook, name, value):
     """A non-negative integer step."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(
-            f"{_owner(hook)}: `{name}` must be an integer >= 0. Received: {name}={value!r}"
+            f"{_owner(hook)}: `{name}` must be an integer >= 0. "
+            f"Received: {name}={value!r}"
         )
     return int(value)
 

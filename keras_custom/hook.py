@@ -5,7 +5,6 @@ only the stages it needs; every stage is a no-op by default, and a stage a hook 
 not override costs nothing (the model never calls it).
 """
 
-
 import keras
 from keras import ops
 from keras.src.saving.keras_saveable import KerasSaveable
@@ -41,9 +40,7 @@ class Strength:
         return hook._strengths[self.name]
 
     def __set__(self, hook, value):
-        value = _validation.strength(
-            hook, self.name, value, self.minimum, self.inclusive
-        )
+        value = _validation.strength(hook, self.name, value, self.minimum, self.inclusive)
         hook._strengths[self.name] = value
         variable = hook._strength_variables.get(self.name)
         if variable is not None:

@@ -7,6 +7,7 @@ log trackers. The part that differs per backend (how gradients are taken, how th
 step is compiled) lives in `keras_custom/backend/<name>.py`.
 """
 
+import contextlib
 import weakref
 
 import keras
@@ -85,6 +86,8 @@ class HookedTrainer:
     _kc_loss_value = None
     _kc_lso_finite = None
     _kc_in_test = False
+    _kc_batch = None
+    _kc_mute = False
 
     # ------------------------------------------------------------------ compile
     def compile(self, *args, hooks=None, **kwargs):
@@ -186,7 +189,7 @@ class HookedTrainer:
                 f"Received: reduction={reduction!r}"
             )
         tracker = self._kc_tracker(name, reduction)
-        if value is None:
+        if value is None or self._kc_mute:
             return
         if self._kc_in_test:
             self._kc_eval_names.add(name)
@@ -349,7 +352,9 @@ class HookedTrainer:
         inner = optimizer.inner_optimizer if lso else optimizer
         if lso and self._kc_lso_finite is not None:
             finite = self._kc_lso_finite
-            go = finite if skip is None else ops.logical_and(finite, ops.logical_not(skip))
+            go = finite
+            if skip is not None:
+                go = ops.logical_and(finite, ops.logical_not(skip))
 
             def apply():
                 inner.apply(grads, variables)
@@ -374,18 +379,51 @@ class HookedTrainer:
             if _is_overridden(hook, "after_update"):
                 self._kc_run(hook, step, lambda: hook.after_update(self, step))
 
-    def _kc_unscale(self, grads):
+    def _kc_unscale(self, grads, record=True):
         """Undoes the loss scale of a `LossScaleOptimizer` (no-op otherwise)."""
         optimizer = self.optimizer
         if not isinstance(optimizer, _LSO):
-            self._kc_set("_kc_lso_finite", None)
-            return grads
+            if record:
+                self._kc_set("_kc_lso_finite", None)
+            return list(grads)
         scale = optimizer.dynamic_scale
         grads = [
             None if g is None else ops.divide(g, ops.cast(scale, g.dtype)) for g in grads
         ]
-        self._kc_set("_kc_lso_finite", optimizer.check_finite(grads))
+        if record:
+            self._kc_set("_kc_lso_finite", optimizer.check_finite(grads))
         return grads
+
+    @contextlib.contextmanager
+    def _kc_muted(self):
+        """Nothing is logged inside (a second pass must not count twice)."""
+        previous = self._kc_mute
+        self._kc_set("_kc_mute", True)
+        try:
+            yield
+        finally:
+            self._kc_set("_kc_mute", previous)
+
+    def gradients_at_current_weights(self, variables=None):
+        """Gradients of this step's loss at the variables' current values.
+
+        For hooks that need a second backward pass on the same batch (e.g.
+        `SharpnessAware`): call it from `process_gradients` after changing the
+        weights. The gradients are unscaled and aggregated like those the hooks
+        receive; nothing is logged and no metric is updated.
+
+        Returns:
+            `(grads, loss)`.
+        """
+        if self._kc_batch is None:
+            raise RuntimeError(
+                "gradients_at_current_weights() can only be called during a train "
+                "step of `fit`/`train_on_batch` (from a hook's `process_gradients`)."
+            )
+        if variables is None:
+            variables = self.trainable_variables
+        x, y, sample_weight = self._kc_batch
+        return self._kc_gradients(x, y, sample_weight, list(variables))
 
     def _kc_update(self, loss, grads, variables):
         """Stages 4-6 for gradients of the (scaled) loss, as the tape gave them."""

@@ -41,10 +41,27 @@ class StepMixin:
         variables = self.trainable_variables
         if variables:
             grads = tape.gradient(scaled, variables)
-            self._kc_update(loss, grads, variables)
+            self._kc_set("_kc_batch", (x, y, sample_weight))
+            try:
+                self._kc_update(loss, grads, variables)
+            finally:
+                self._kc_set("_kc_batch", None)
         else:
             warnings.warn("The model does not have any trainable weights.")
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _kc_gradients(self, x, y, sample_weight, variables):
+        """Gradients of the loss on a batch at the variables' current values,
+        unscaled, with nothing logged (for hooks that need a second pass)."""
+        with self._kc_muted():
+            with tf.GradientTape() as tape:
+                y_pred = self.forward(x, training=True)
+                loss = self._compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                )
+                scaled = self.optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, variables)
+        return self._kc_unscale(grads, record=False), loss
 
     def test_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)

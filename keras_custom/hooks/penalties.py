@@ -61,8 +61,9 @@ class WeightPenalty(Hook):
     l1 = Strength(minimum=0.0, inclusive=True)
     l2 = Strength(minimum=0.0, inclusive=True)
 
-    def __init__(self, l1=0.0, l2=0.0, include=None, exclude=None, name="weight_penalty",
-                 **kwargs):
+    def __init__(
+        self, l1=0.0, l2=0.0, include=None, exclude=None, name="weight_penalty", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.l1 = l1
         self.l2 = l2
@@ -92,9 +93,7 @@ class WeightPenalty(Hook):
         self.declare_log(self.name)
 
     def loss_term(self, model, x, y, y_pred, sample_weight, training):
-        penalty = weight_penalty(
-            self._weights, self.strength("l1"), self.strength("l2")
-        )
+        penalty = weight_penalty(self._weights, self.strength("l1"), self.strength("l2"))
         self.log(self.name, penalty)
         return penalty
 

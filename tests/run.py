@@ -1,0 +1,93 @@
+"""Runs the whole test suite: once per Keras backend, each in its own process, then
+each file of tests/isolated/ in a process of its own.
+
+    python tests/run.py                      # all backends installed
+    python tests/run.py --backends tensorflow
+
+A file in tests/isolated/ named `test_<backend>_*.py` (backend: tf, jax, torch)
+runs only on that backend; others run on every backend. Prints one closing line
+'N passed, N failed, N skipped' over all runs and exits non-zero if any failed.
+"""
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHORT = {"tensorflow": "tf", "jax": "jax", "torch": "torch"}
+MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def installed(backend):
+    return importlib.util.find_spec(MODULE[backend]) is not None
+
+
+def run(backend, paths, extra_env=None):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env.update(extra_env or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        report = pathlib.Path(tmp) / "report.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", *paths]
+        start = time.time()
+        code = subprocess.call(cmd, cwd=ROOT, env=env)
+        counts = {"passed": 0, "failed": 0, "skipped": 0}
+        if report.exists():
+            for suite in ET.parse(report).getroot().iter("testsuite"):
+                tests = int(suite.get("tests", 0))
+                failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+                skipped = int(suite.get("skipped", 0))
+                counts["failed"] += failed
+                counts["skipped"] += skipped
+                counts["passed"] += tests - failed - skipped
+        if code not in (0, 5) and counts["failed"] == 0:
+            counts["failed"] = 1  # pytest itself failed (collection, crash)
+        print(
+            f"[{backend}] {' '.join(paths)}: {counts['passed']} passed, "
+            f"{counts['failed']} failed, {counts['skipped']} skipped "
+            f"({time.time() - start:.0f} s)",
+            flush=True,
+        )
+        return counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["tensorflow", "jax", "torch"],
+        choices=["tensorflow", "jax", "torch"],
+    )
+    parser.add_argument(
+        "--no-isolated", action="store_true", help="skip tests/isolated/"
+    )
+    args = parser.parse_args()
+    total = {"passed": 0, "failed": 0, "skipped": 0}
+    isolated = sorted((ROOT / "tests" / "isolated").glob("test_*.py"))
+    for backend in args.backends:
+        if not installed(backend):
+            print(f"[{backend}] not installed: FAILED (install the extra)", flush=True)
+            total["failed"] += 1
+            continue
+        runs = [(["tests"], None)]
+        if not args.no_isolated:
+            for path in isolated:
+                parts = path.stem.split("_")
+                if parts[1] in SHORT.values() and parts[1] != SHORT[backend]:
+                    continue
+                runs.append(([str(path.relative_to(ROOT))], {"KC_ISOLATED": "1"}))
+        for paths, env in runs:
+            for key, value in run(backend, paths, env).items():
+                total[key] += value
+    print(f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
+    return 1 if total["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
