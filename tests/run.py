@@ -64,9 +64,7 @@ def main():
         default=["tensorflow", "jax", "torch"],
         choices=["tensorflow", "jax", "torch"],
     )
-    parser.add_argument(
-        "--no-isolated", action="store_true", help="skip tests/isolated/"
-    )
+    parser.add_argument("--no-isolated", action="store_true", help="skip tests/isolated/")
     args = parser.parse_args()
     total = {"passed": 0, "failed": 0, "skipped": 0}
     isolated = sorted((ROOT / "tests" / "isolated").glob("test_*.py"))
@@ -85,7 +83,9 @@ def main():
         for paths, env in runs:
             for key, value in run(backend, paths, env).items():
                 total[key] += value
-    print(f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
+    print(
+        f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped"
+    )
     return 1 if total["failed"] else 0
 
 
