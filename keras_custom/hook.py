@@ -70,6 +70,8 @@ class Hook(KerasSaveable):
        with gradient accumulation, **accumulated**. A hook returns the gradients it
        wants the next hook, and finally the optimizer, to see.
     3. `after_update`: after the optimizer applied the update.
+    4. `check`: in Python, after the compiled training call returned (to raise
+       an error a hook recorded in its variables).
 
     `step` is the number of optimizer updates applied before this one (0-based, what
     Keras learning-rate schedules see). A hook is active while
@@ -149,6 +151,17 @@ class Hook(KerasSaveable):
 
     def after_update(self, model, step):
         """Runs after the optimizer applied the update of step `step`."""
+
+    def check(self, model):
+        """Runs in Python after each training call, outside the compiled step.
+
+        `fit` calls it after each batch (after each `steps_per_execution` steps),
+        `train_on_batch` after its step; a hand-written loop calls
+        `model.check_hooks()`. It may read the hook's variables and raise an
+        exception to stop training with it (a compiled step cannot raise). Only
+        hooks that override it are checked, so the host does not wait for the
+        device when no hook needs to.
+        """
 
     # ------------------------------------------------------------------ helpers
     def log(self, name, value, reduction="mean"):

@@ -223,6 +223,44 @@ class HookedTrainer:
         finally:
             self._kc_set("_kc_evaluating", previous)
 
+    # ------------------------------------------------------------ hook checks
+    def _kc_checked_hooks(self):
+        return [h for h in self._kc_hooks if _is_overridden(h, "check")]
+
+    def check_hooks(self):
+        """Runs every hook's `check` (in Python), which may raise to stop training.
+
+        `fit` and `train_on_batch` call it after each training call; call it
+        yourself after each step of a hand-written loop that uses `apply_hooks`.
+        """
+        hooks = self._kc_checked_hooks()
+        if not hooks:
+            return
+        self._kc_sync_state()
+        for hook in hooks:
+            hook.check(self)
+
+    def _kc_sync_state(self):
+        """Makes the variables current before a hook's `check` reads them (JAX
+        keeps the state of `fit` outside the variables between syncs)."""
+        sync = getattr(self, "jax_state_sync", None)
+        if sync is not None and getattr(self, "_jax_state", None) is not None:
+            sync()
+
+    def fit(self, *args, **kwargs):
+        if self._kc_checked_hooks():
+            args = list(args)
+            if len(args) > 5:  # fit(x, y, batch_size, epochs, verbose, callbacks)
+                args[5] = _with_check(args[5])
+            else:
+                kwargs["callbacks"] = _with_check(kwargs.get("callbacks"))
+        return super().fit(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        logs = super().train_on_batch(*args, **kwargs)
+        self.check_hooks()
+        return logs
+
     # ----------------------------------------------------------- hook windows
     def _kc_run(self, hook, step, fn):
         """Runs one hook stage, with its window applied to what it logs."""
@@ -470,6 +508,28 @@ class HookedTrainer:
         if variables is None:
             variables = self.trainable_variables
         return self._kc_update(None, list(grads), list(variables))
+
+
+class _CheckHooks(keras.callbacks.Callback):
+    """Runs `model.check_hooks()` after each training batch of `fit`."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.check_hooks()
+
+
+def _with_check(callbacks):
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        if not any(isinstance(c, _CheckHooks) for c in callbacks.callbacks):
+            check = _CheckHooks()
+            if callbacks.model is not None:
+                check.set_model(callbacks.model)
+            callbacks.callbacks.append(check)
+            callbacks._async_train = False  # the check must run in this thread
+        return callbacks
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, _CheckHooks) for c in callbacks):
+        callbacks.append(_CheckHooks())
+    return callbacks
 
 
 def optimizer_is_built(optimizer):

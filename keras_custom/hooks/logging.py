@@ -121,3 +121,76 @@ class LogLearningRate(Hook):
 
     def after_update(self, model, step):
         self.log(self.name, learning_rate_at(model.optimizer, step))
+
+
+def update_ratio(old, new):
+    """`||new - old|| / ||old||` over all tensors together (global L2 norms).
+
+    Returns 0 where `||old||` is 0 (a model whose weights are all zero).
+
+    Example:
+
+    >>> float(update_ratio([keras.ops.array([3.0, 4.0])], [keras.ops.array([3.0, 4.5])]))
+    0.10000000149011612
+    """
+    diff = [
+        ops.subtract(ops.cast(n, "float32"), ops.cast(o, "float32"))
+        for o, n in zip(old, new)
+    ]
+    return ops.divide_no_nan(global_norm(diff), global_norm(old))
+
+
+@keras.saving.register_keras_serializable(package="keras_custom")
+class LogUpdateRatio(Hook):
+    """Logs `||w_new - w_old|| / ||w_old||` over all trainable weights.
+
+    The relative size of each step's update: a common rule of thumb puts healthy
+    values around 1e-3; much larger values suggest too high a learning rate, much
+    smaller ones too low. `w_old` is read in `process_gradients`, `w_new` in
+    `after_update`, so a skipped step logs 0 and hooks that change weights
+    between the two (`Freeze` restoring frozen weights) are accounted for when
+    placed before it. It keeps one copy of the trainable weights per step.
+
+    Args:
+        name: the log name (default `"update_ratio"`).
+        **kwargs: `start_step`, `stop_step` (see `Hook`).
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import keras_custom as kc
+
+    model = kc.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse", hooks=[kc.hooks.LogUpdateRatio()])
+    history = model.fit(np.ones((8, 4)), np.ones((8, 1)), epochs=2, verbose=0)
+    print(history.history["update_ratio"])
+    ```
+    """
+
+    def __init__(self, name="update_ratio", **kwargs):
+        if not isinstance(name, str) or not name:
+            raise TypeError(
+                "LogUpdateRatio: `name` must be a non-empty string (the log name). "
+                f"Received: name={name!r}"
+            )
+        super().__init__(name=name, **kwargs)
+        self._old = None
+        self._seen = None
+
+    def build(self, model):
+        self.declare_log(self.name)
+
+    def process_gradients(self, grads, variables, step):
+        self._old = [ops.copy(v.value) for v in variables]
+        self._seen = list(variables)
+        return grads
+
+    def after_update(self, model, step):
+        old, self._old = self._old, None
+        if old is None:
+            return
+        new = [v.value for v in self._seen]
+        self._seen = None
+        self.log(self.name, update_ratio(old, new))
