@@ -208,7 +208,8 @@ def unitwise_norm(x):
 
     Example:
 
-    >>> unitwise_norm(keras.ops.array([[3.0, 1.0], [4.0, 0.0]])).tolist()
+    >>> x = keras.ops.array([[3.0, 1.0], [4.0, 0.0]])
+    >>> keras.ops.convert_to_numpy(unitwise_norm(x)).tolist()
     [[5.0, 1.0]]
     """
     x = ops.cast(x, "float32")
@@ -239,7 +240,7 @@ def adaptive_clip(grads, params, clip_factor=0.01, eps=1e-3):
 
     >>> g = keras.ops.array([[3.0], [4.0]])   # one unit, ||g|| = 5
     >>> w = keras.ops.array([[0.0], [10.0]])  # ||w|| = 10
-    >>> adaptive_clip([g], [w], clip_factor=0.1)[0].tolist()
+    >>> keras.ops.convert_to_numpy(adaptive_clip([g], [w], clip_factor=0.1)[0]).tolist()
     [[0.6000000238418579], [0.800000011920929]]
 
     References:

@@ -149,16 +149,18 @@ class SkipNonFinite(Hook):
         self.log(self.name, ops.cast(bad, "float32"), reduction="sum")
         skip = bad
         if self.max_consecutive is not None:
-            tripped = ops.greater(self.tripped, 0)
-            count = ops.where(bad, self.consecutive + 1, ops.zeros_like(self.consecutive))
-            count = ops.where(active, count, self.consecutive)
+            # `.value`: JAX refuses a variable object inside traced `ops` calls.
+            consecutive = self.consecutive.value
+            tripped = ops.greater(self.tripped.value, 0)
+            count = ops.where(bad, consecutive + 1, ops.zeros_like(consecutive))
+            count = ops.where(active, count, consecutive)
             self.consecutive.assign(count)
             trip_now = ops.logical_and(
                 ops.logical_not(tripped), ops.greater_equal(count, self.max_consecutive)
             )
-            self.cause.assign(ops.where(trip_now, cause, self.cause))
+            self.cause.assign(ops.where(trip_now, cause, self.cause.value))
             self.tripped_step.assign(
-                ops.where(trip_now, ops.cast(step, "int64"), self.tripped_step)
+                ops.where(trip_now, ops.cast(step, "int64"), self.tripped_step.value)
             )
             tripped = ops.logical_or(tripped, trip_now)
             self.tripped.assign(ops.cast(tripped, "int32"))

@@ -39,7 +39,7 @@ def add_gradient_noise(grads, stddev, seed):
 
     >>> seed = keras.random.SeedGenerator(0)
     >>> out = add_gradient_noise([keras.ops.zeros((2,))], 0.0, seed)
-    >>> out[0].tolist()
+    >>> keras.ops.convert_to_numpy(out[0]).tolist()
     [0.0, 0.0]
     """
     out = []

@@ -22,7 +22,7 @@ def sam_perturbation(grads, rho, eps=1e-12):
     Example:
 
     >>> e = sam_perturbation([keras.ops.array([3.0, 4.0])], rho=0.5)
-    >>> [round(v, 6) for v in e[0].tolist()]
+    >>> [round(v, 6) for v in keras.ops.convert_to_numpy(e[0]).tolist()]
     [0.3, 0.4]
     """
     scale = ops.cast(rho, "float32") / (global_norm(grads) + eps)
