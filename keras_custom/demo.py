@@ -219,6 +219,9 @@ def plot_history(history, path, max_norm=MAX_NORM):
                 linewidth=1,
                 label=f"max_norm = {max_norm:g}",
             )
+        if keys == ["skipped_steps"]:  # a count: from 0, whole numbers
+            ax.set_ylim(0, max(1.0, max(history["skipped_steps"])) * 1.1)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
