@@ -8,6 +8,7 @@ step is compiled) lives in `keras_custom/backend/<name>.py`.
 """
 
 import contextlib
+import threading
 import weakref
 
 import keras
@@ -37,6 +38,34 @@ class _StepContext:
         self.model._kc_skip_update(hook, condition)
 
 
+class _PerThread:
+    """A model attribute whose value is per thread (the state of a traced step)."""
+
+    _locals = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, default):
+        self.default = default
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def _local(self, model):
+        with self._lock:
+            local = self._locals.get(model)
+            if local is None:
+                local = self._locals[model] = threading.local()
+        return local
+
+    def __get__(self, model, owner=None):
+        if model is None:
+            return self
+        return getattr(self._local(model), self.name, self.default)
+
+    def __set__(self, model, value):
+        setattr(self._local(model), self.name, value)
+
+
 def _is_overridden(hook, stage):
     return getattr(type(hook), stage) is not getattr(Hook, stage)
 
@@ -46,6 +75,12 @@ def _validate_hooks(hooks):
         return ()
     if isinstance(hooks, Hook):
         hooks = [hooks]
+    if isinstance(hooks, type) and issubclass(hooks, Hook):
+        raise TypeError(
+            "compile: `hooks` must be a list of keras_custom.Hook instances. "
+            f"Received: hooks={hooks.__name__} (a class); write "
+            f"hooks=[{hooks.__name__}(...)]"
+        )
     try:
         hooks = list(hooks)
     except TypeError:
@@ -81,13 +116,19 @@ class HookedTrainer:
     _kc_trackers = None
     _kc_evaluating = False
     _kc_eval_names = None
-    _kc_window = None
-    _kc_skips = None
-    _kc_loss_value = None
-    _kc_lso_finite = None
-    _kc_in_test = False
-    _kc_batch = None
-    _kc_mute = False
+    _kc_accumulator = None
+    # The state of the step being traced, kept per thread: `MirroredStrategy`
+    # traces each replica's step in a thread of its own, and the threads take
+    # turns at every cross-replica point (an all-reduce, a `merge_call`).
+    _kc_window = _PerThread(None)
+    _kc_skips = _PerThread(None)
+    _kc_loss_value = _PerThread(None)
+    _kc_lso_finite = _PerThread(None)
+    _kc_in_test = _PerThread(False)
+    _kc_batch = _PerThread(None)
+    _kc_mute = _PerThread(False)
+    _kc_objective = _PerThread(None)
+    _kc_symbolic = _PerThread(False)
 
     # ------------------------------------------------------------------ compile
     def compile(self, *args, hooks=None, **kwargs):
@@ -109,6 +150,7 @@ class HookedTrainer:
             self._kc_set("_kc_hooks", hooks)
             self._kc_set("_kc_trackers", {})
             self._kc_set("_kc_eval_names", set())
+            self._kc_set("_kc_accumulator", _take_accumulation(self.optimizer))
             for hook in hooks:
                 owner = hook._context.model if hook._context is not None else None
                 if owner is not None and owner is not self:
@@ -138,7 +180,26 @@ class HookedTrainer:
             config["hooks"] = [
                 serialization_lib.serialize_keras_object(h) for h in self._kc_hooks
             ]
+        if config and self._kc_accumulator is not None:
+            _put_accumulation(config.get("optimizer"), self._kc_accumulator.steps)
         return config
+
+    @property
+    def gradient_accumulation_steps(self):
+        """`N` when the optimizer was given `gradient_accumulation_steps=N`.
+
+        The model then accumulates the gradients itself, so that the gradient
+        hooks see the accumulated gradient: the optimizer's own attribute reads
+        `None` after `compile` (its saved config keeps `N`).
+        """
+        accumulator = self._kc_accumulator
+        return None if accumulator is None else accumulator.steps
+
+    @property
+    def _kc_all_hooks(self):
+        """The hooks, then the model's own state holders (the accumulator)."""
+        extra = () if self._kc_accumulator is None else (self._kc_accumulator,)
+        return tuple(self._kc_hooks) + extra
 
     def compile_from_config(self, config):
         config = serialization_lib.deserialize_keras_object(config)
@@ -153,7 +214,7 @@ class HookedTrainer:
     # ------------------------------------------------------------------- build
     def _kc_build_hooks(self):
         """Builds every hook not built yet (eagerly, outside any compiled step)."""
-        pending = [h for h in self._kc_hooks if not h.built]
+        pending = [h for h in self._kc_all_hooks if not h.built]
         if not pending:
             return
         from keras_custom.backend import build_scope
@@ -165,7 +226,14 @@ class HookedTrainer:
                 hook._build(self)
 
     def _symbolic_build(self, *args, **kwargs):
-        super()._symbolic_build(*args, **kwargs)
+        # Keras builds the compiled loss by tracing `compute_loss` symbolically
+        # (JAX, PyTorch, TensorFlow under a strategy): hook terms stay out of it,
+        # so a hook's stages run only in real steps, on every backend alike.
+        self._kc_set("_kc_symbolic", True)
+        try:
+            super()._symbolic_build(*args, **kwargs)
+        finally:
+            self._kc_set("_kc_symbolic", False)
         self._kc_build_hooks()
 
     # ----------------------------------------------------------------- logging
@@ -285,8 +353,12 @@ class HookedTrainer:
         return ops.cast(ops.copy(self.optimizer.iterations), "int64")
 
     # ------------------------------------------------------------ loss stage
-    def forward(self, x, training):
-        """Stage 1: the forward pass. Returns `y_pred`."""
+    def forward_pass(self, x, training):
+        """Stage 1: the forward pass. Returns `y_pred`.
+
+        (Not `forward`: on the PyTorch backend a model is a `torch.nn.Module`,
+        whose `forward` Keras's layer call goes through.)
+        """
         if self._call_has_training_arg:
             return self(x, training=training)
         return self(x)
@@ -303,7 +375,7 @@ class HookedTrainer:
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
         hooks = [h for h in self._kc_hooks if _is_overridden(h, "loss_term")]
-        if not hooks:
+        if not hooks or self._kc_symbolic:
             return loss
         self._kc_build_hooks()
         step = self._kc_step() if any(h.has_window for h in hooks) else None
@@ -380,7 +452,9 @@ class HookedTrainer:
 
         A skipped step leaves the weights, the optimizer's slots and its step counter
         bit-identical. Under loss scaling (`LossScaleOptimizer`) a non-finite
-        gradient skips the step and lowers the scale, as Keras does.
+        gradient skips the step and lowers the scale, as Keras does; a step a hook
+        skipped with finite gradients leaves the scale as it was. The gradients are
+        already summed over replicas: the optimizer does not sum them again.
         """
         optimizer = self.optimizer
         skip = None
@@ -388,28 +462,54 @@ class HookedTrainer:
             skip = condition if skip is None else ops.logical_or(skip, condition)
         lso = isinstance(optimizer, _LSO)
         inner = optimizer.inner_optimizer if lso else optimizer
-        if lso and self._kc_lso_finite is not None:
-            finite = self._kc_lso_finite
-            go = finite
-            if skip is not None:
-                go = ops.logical_and(finite, ops.logical_not(skip))
+        finite = self._kc_lso_finite if lso else None
+        if finite is None and skip is None:
+            self._kc_apply(inner, grads, variables)
+            return
+        if finite is None:
+            finite = ops.convert_to_tensor(True)
+        go = finite if skip is None else ops.logical_and(finite, ops.logical_not(skip))
 
-            def apply():
-                inner.apply(grads, variables)
+        def apply(finite, grads):
+            self._kc_apply(inner, grads, variables)
+            if lso:
                 _lso_on_finite(optimizer)
 
-            def no_apply():
-                def lower():
-                    _lso_on_nonfinite(optimizer)
+        def no_apply(finite, grads):
+            if lso:
+                ops.cond(finite, lambda: None, lambda: _lso_on_nonfinite(optimizer))
 
-                ops.cond(finite, lambda: None, lower)
+        self._kc_cond(go, apply, no_apply, finite, list(grads))
 
-            ops.cond(go, apply, no_apply)
-            return
-        if skip is None:
-            inner.apply(grads, variables)
-        else:
-            ops.cond(skip, lambda: None, lambda: inner.apply(grads, variables))
+    # The three places where a backend may differ in how it runs the generic
+    # stages (TensorFlow overrides them for `tf.distribute` strategies).
+    def _kc_aggregate(self, grads, loss):
+        """Sums the gradients and the loss over replicas (once, before the hooks)."""
+        return grads, loss
+
+    def _kc_apply(self, optimizer, grads, variables):
+        """`optimizer.apply` for gradients that are already aggregated."""
+        optimizer.apply(grads, variables)
+
+    def _kc_cond(self, pred, true_fn, false_fn, *args):
+        """`ops.cond` for branches that update state; returns nothing.
+
+        `args` are passed to the branch that runs (a backend may have to move
+        them, e.g. across the replicas of a `tf.distribute` strategy).
+        """
+        ops.cond(pred, lambda: true_fn(*args), lambda: false_fn(*args))
+
+    def loss_scale_overflow(self):
+        """Whether this step's scaled gradients overflowed (NaN or Inf).
+
+        Under loss scaling (`LossScaleOptimizer`, e.g. `mixed_float16`) such a step
+        is skipped by the model itself and the scale is lowered: it is the loss
+        scale's normal way to find its value. Call it from `process_gradients`;
+        it returns a boolean tensor during a train step under loss scaling, and
+        `None` otherwise (no loss scaling, or outside a train step).
+        """
+        finite = self._kc_lso_finite
+        return None if finite is None else ops.logical_not(finite)
 
     def after_update(self, step):
         """Stage 6: runs every hook's `after_update`, in list order."""
@@ -442,13 +542,19 @@ class HookedTrainer:
         finally:
             self._kc_set("_kc_mute", previous)
 
-    def gradients_at_current_weights(self, variables=None):
+    def gradients_at_current_weights(self, variables=None, objective=None):
         """Gradients of this step's loss at the variables' current values.
 
         For hooks that need a second backward pass on the same batch (e.g.
         `SharpnessAware`): call it from `process_gradients` after changing the
         weights. The gradients are unscaled and aggregated like those the hooks
         receive; nothing is logged and no metric is updated.
+
+        Args:
+            variables: the variables to differentiate (default: all trainable).
+            objective: any value; `model.objective` returns it while this pass
+                runs, so that an overridden `compute_loss` can return another
+                loss (the generator's loss of a GAN, say; `docs/two-players.md`).
 
         Returns:
             `(grads, loss)`.
@@ -461,24 +567,70 @@ class HookedTrainer:
         if variables is None:
             variables = self.trainable_variables
         x, y, sample_weight = self._kc_batch
-        return self._kc_gradients(x, y, sample_weight, list(variables))
+        previous = self._kc_objective
+        self._kc_set("_kc_objective", objective)
+        try:
+            return self._kc_gradients(x, y, sample_weight, list(variables))
+        finally:
+            self._kc_set("_kc_objective", previous)
+
+    @property
+    def objective(self):
+        """Which loss `compute_loss` is asked for.
+
+        `None` in the train and test steps' own pass; during
+        `gradients_at_current_weights(..., objective=o)`, `o`.
+        """
+        return self._kc_objective
+
+    def log_value(self, name, value, reduction="mean"):
+        """Reports a scalar from a stage the model overrides, as `Hook.log` does.
+
+        The epoch value is the mean of the steps' values (`reduction="sum"`: their
+        sum). Call `log_value(name, None)` once before the first step (from
+        `build`, say) to create the tracker outside the compiled step.
+        """
+        self._kc_log(self, name, value, reduction)
 
     def _kc_update(self, loss, grads, variables):
-        """Stages 4-6 for gradients of the (scaled) loss, as the tape gave them."""
+        """Stages 4-6 for gradients of the (scaled) loss, as the tape gave them.
+
+        The gradients and the loss are summed over replicas once, then unscaled;
+        with gradient accumulation they are added to the accumulators, and the
+        stages run on their mean every `gradient_accumulation_steps` calls.
+        """
         self._kc_build_hooks()
         if not optimizer_is_built(self.optimizer):
             self.optimizer.build(variables)
+        grads, loss = self._kc_aggregate(list(grads), loss)
+        grads = self._kc_unscale(grads, record=False)
+        accumulator = self._kc_accumulator
+        if accumulator is None:
+            return self._kc_stages(grads, loss, variables)
+        grads, loss, ready = accumulator.add(grads, loss)
+
+        def update(grads, loss):
+            self._kc_stages(grads, loss, variables)
+
+        self._kc_cond(ready, update, lambda grads, loss: None, grads, loss)
+        return grads
+
+    def _kc_stages(self, grads, loss, variables):
+        """Stages 4-6 on unscaled, aggregated (accumulated) gradients."""
+        optimizer = self.optimizer
+        finite = optimizer.check_finite(grads) if isinstance(optimizer, _LSO) else None
         step = self._kc_step()
         self._kc_set("_kc_skips", [])
         self._kc_set("_kc_loss_value", loss)
+        self._kc_set("_kc_lso_finite", finite)
         try:
-            grads = self._kc_unscale(grads)
             grads = self.process_gradients(grads, variables, step)
             self.apply_update(grads, variables, step)
             self.after_update(step)
         finally:
             self._kc_set("_kc_skips", None)
             self._kc_set("_kc_loss_value", None)
+            self._kc_set("_kc_lso_finite", None)
         return grads
 
     def apply_hooks(self, grads, variables=None):
@@ -530,6 +682,89 @@ def _with_check(callbacks):
     if not any(isinstance(c, _CheckHooks) for c in callbacks):
         callbacks.append(_CheckHooks())
     return callbacks
+
+
+class _GradientAccumulation(Hook):
+    """The model's gradient accumulators (a hook only for its state and saving).
+
+    Holds one sum per trainable variable, the sum of the losses and the number of
+    micro-steps since the last update; saved with the model like a hook's state.
+    """
+
+    def __init__(self, steps, name="gradient_accumulation"):
+        super().__init__(name=name)
+        self.steps = int(steps)
+
+    def build(self, model):
+        self.sums = [
+            self.add_variable(shape=v.shape, dtype=v.dtype, name=f"{self.name}_sum")
+            for v in model.trainable_variables
+        ]
+        self.loss_sum = self.add_variable(name=f"{self.name}_loss_sum")
+        self.count = self.add_variable(dtype="int32", name=f"{self.name}_count")
+
+    def add(self, grads, loss):
+        """Adds one micro-step; returns `(mean grads, mean loss, ready)`."""
+        if len(grads) != len(self.sums):
+            raise ValueError(
+                "Gradient accumulation: the model has "
+                f"{len(grads)} trainable variables, the accumulators were built for "
+                f"{len(self.sums)}. Recompile after changing which weights train."
+            )
+        count = ops.add(self.count, 1)
+        ready = ops.greater_equal(count, self.steps)
+        self.count.assign(ops.where(ready, ops.zeros_like(count), count))
+        means = []
+        for total, g in zip(self.sums, grads):
+            if g is None:
+                means.append(None)
+                continue
+            new = ops.add(total, ops.cast(g, total.dtype))
+            total.assign(ops.where(ready, ops.zeros_like(new), new))
+            means.append(ops.divide(new, ops.cast(self.steps, new.dtype)))
+        if loss is not None:
+            new = ops.add(self.loss_sum, ops.cast(loss, "float32"))
+            self.loss_sum.assign(ops.where(ready, ops.zeros_like(new), new))
+            loss = ops.divide(new, float(self.steps))
+        return means, loss, ready
+
+
+def _inner_of(optimizer):
+    return optimizer.inner_optimizer if isinstance(optimizer, _LSO) else optimizer
+
+
+def _take_accumulation(optimizer):
+    """Takes over the optimizer's `gradient_accumulation_steps` (see the property)."""
+    inner = _inner_of(optimizer) if optimizer is not None else None
+    if inner is None:
+        return None
+    steps = getattr(inner, "gradient_accumulation_steps", None) or getattr(
+        inner, "_kc_accumulation_steps", None
+    )
+    if not steps:
+        return None
+    own = getattr(inner, "gradient_accumulation_steps", None)
+    if own and getattr(inner, "built", False):
+        raise ValueError(
+            "compile: an optimizer with `gradient_accumulation_steps` must not be "
+            "built yet (the model accumulates the gradients itself so that hooks "
+            "see the accumulated gradient). Pass a new optimizer. Received: "
+            f"gradient_accumulation_steps={steps}"
+        )
+    object.__setattr__(inner, "_kc_accumulation_steps", steps)
+    inner.gradient_accumulation_steps = None
+    return _GradientAccumulation(steps)
+
+
+def _put_accumulation(config, steps):
+    """Writes `gradient_accumulation_steps` back into a serialized optimizer."""
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        return
+    inner = config["config"].get("inner_optimizer")
+    if config.get("class_name") == "LossScaleOptimizer" and isinstance(inner, dict):
+        _put_accumulation(inner, steps)
+    else:
+        config["config"]["gradient_accumulation_steps"] = steps
 
 
 def optimizer_is_built(optimizer):
