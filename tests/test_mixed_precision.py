@@ -146,3 +146,29 @@ def test_no_loss_scale_no_overflow_flag(data):
     model.compile("sgd", "mse", hooks=[Probe()])
     model.train_on_batch(*[a[:8] for a in data])
     assert seen and all(s is None for s in seen)
+
+
+def test_skip_non_finite_does_not_count_loss_scale_overflows(data, policy):
+    """The scaler's own overflow step is skipped once, and not counted as a skip."""
+    policy("mixed_float16")
+    x, y = data
+    x, y = x[:32], y[:32].copy()
+    y[:16] *= 1e4  # the first batch: scaled float16 gradients overflow, loss finite
+    model = mlp(kc.Model)
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(1e-3), initial_scale=2**8
+    )
+    model.compile(optimizer, "mse",
+                  hooks=[hooks.SkipNonFinite(max_consecutive=1), _RecordOverflow()])
+    logs = model.train_on_batch(x[:16], y[:16], return_dict=True)
+    assert logs["overflows"] == 1.0  # the scaler skipped it...
+    assert np.isfinite(logs["loss"])
+    assert logs["skipped_steps"] == 0.0  # ...and the guard did not count it
+    assert int(model.optimizer.iterations) == 0
+    assert int(model.hooks[0].consecutive) == 0
+    logs = model.train_on_batch(x[16:], y[16:], return_dict=True)  # no error raised
+    assert logs["skipped_steps"] == 0.0 and int(model.optimizer.iterations) == 1
+    bad = y[16:].copy()
+    bad[0] = np.nan  # a non-finite loss still counts
+    with pytest.raises(FloatingPointError, match="the loss is not finite"):
+        model.train_on_batch(x[16:], bad)

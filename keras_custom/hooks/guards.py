@@ -80,8 +80,10 @@ class SkipNonFinite(Hook):
     hooks' loss terms); in `model.apply_hooks` (a hand-written loop) only the
     gradients are checked. Put it first among the gradient hooks so that its
     counts and error name the raw gradients. Under loss scaling
-    (`LossScaleOptimizer`), a step whose scaled gradients overflowed counts as
-    skipped too (the optimizer lowers the scale, as it must to recover).
+    (`LossScaleOptimizer`, e.g. `mixed_float16`), a step whose scaled gradients
+    overflowed is the loss scaler's: the model skips it and lowers the scale, and
+    this hook neither counts it nor lets it break a run of consecutive skips
+    (a non-finite loss still counts).
 
     Args:
         max_consecutive: `None` (never stop) or an integer >= 1: how many
@@ -144,6 +146,15 @@ class SkipNonFinite(Hook):
         loss = getattr(model, "_kc_loss_value", None)
         cause = first_nonfinite(loss, grads)
         bad = ops.greater_equal(cause, 0)
+        # Under loss scaling an overflow of the scaled gradients is the scaler's
+        # business (the model skips that step and lowers the scale): not counted
+        # here unless the loss itself is not finite.
+        overflow = model.loss_scale_overflow() if model is not None else None
+        if overflow is not None:
+            bad = ops.logical_or(
+                ops.equal(cause, _LOSS),
+                ops.logical_and(bad, ops.logical_not(overflow)),
+            )
         active = self.is_active(step)
         bad = ops.logical_and(bad, active)
         self.log(self.name, ops.cast(bad, "float32"), reduction="sum")
@@ -154,6 +165,10 @@ class SkipNonFinite(Hook):
             tripped = ops.greater(self.tripped.value, 0)
             count = ops.where(bad, consecutive + 1, ops.zeros_like(consecutive))
             count = ops.where(active, count, consecutive)
+            if overflow is not None:  # a loss-scale overflow neither counts nor resets
+                count = ops.where(
+                    ops.logical_and(overflow, ops.logical_not(bad)), consecutive, count
+                )
             self.consecutive.assign(count)
             trip_now = ops.logical_and(
                 ops.logical_not(tripped), ops.greater_equal(count, self.max_consecutive)
