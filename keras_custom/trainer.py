@@ -159,6 +159,9 @@ class HookedTrainer:
                         f"model {owner.name!r}; a hook holds the state of one model. "
                         "Pass a new instance (e.g. `Hook.from_config(h.get_config())`)."
                     )
+            for hook in hooks:  # built before (a recompile): its names stay declared
+                for name, reduction in hook.__dict__.get("_kc_declared", {}).items():
+                    self._kc_tracker(name, reduction)
             if self.built:
                 self._kc_build_hooks()
         except Exception:
@@ -202,7 +205,7 @@ class HookedTrainer:
         return tuple(self._kc_hooks) + extra
 
     def compile_from_config(self, config):
-        config = serialization_lib.deserialize_keras_object(config)
+        config = serialization_lib.deserialize_keras_object(_public_optimizers(config))
         self.compile(**config)
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
@@ -257,7 +260,10 @@ class HookedTrainer:
                 f"Received: reduction={reduction!r}"
             )
         tracker = self._kc_tracker(name, reduction)
-        if value is None or self._kc_mute:
+        if value is None:  # `declare_log`: remembered for a recompile
+            hook.__dict__.setdefault("_kc_declared", {})[name] = reduction
+            return
+        if self._kc_mute:
             return
         if self._kc_in_test:
             self._kc_eval_names.add(name)
@@ -765,6 +771,28 @@ def _put_accumulation(config, steps):
         _put_accumulation(inner, steps)
     else:
         config["config"]["gradient_accumulation_steps"] = steps
+
+
+def _public_optimizers(config):
+    """Names optimizers by their public class (`keras.optimizers.Adam`).
+
+    Under PyTorch, `keras.optimizers.Adam` is `keras.src.backend.torch.optimizers.
+    torch_adam.Adam`, and Keras writes that module into the compile config: the
+    file would then load the PyTorch class under TensorFlow or JAX and fail in the
+    first step. The public name resolves to the loading backend's class.
+    """
+    if isinstance(config, dict):
+        module = config.get("module")
+        if (
+            isinstance(module, str)
+            and module.startswith("keras.src.backend.")
+            and ".optimizers" in module
+        ):
+            config = dict(config, module="keras.optimizers")
+        return {key: _public_optimizers(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_public_optimizers(value) for value in config]
+    return config
 
 
 def optimizer_is_built(optimizer):

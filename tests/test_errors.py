@@ -164,7 +164,8 @@ def test_pattern_error_on_unbuilt_model_comes_at_first_build():
 
 def test_a_hook_belongs_to_one_model():
     hook = hooks.LogGradNorm()
-    mlp().compile("sgd", "mse", hooks=[hook])
+    first = mlp()  # kept alive: a hook holds its model weakly
+    first.compile("sgd", "mse", hooks=[hook])
     with pytest.raises(ValueError, match="LogGradNorm is already attached to the model"):
         mlp().compile("sgd", "mse", hooks=[hook])
 

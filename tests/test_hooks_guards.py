@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import mlp
+from conftest import only_backends
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -154,6 +155,7 @@ def test_fewer_than_max_consecutive_in_a_row_do_not_stop():
     assert int(model.optimizer.iterations) == 6
 
 
+@only_backends("tensorflow", "jax")  # Keras: steps_per_execution=1 on torch
 def test_steps_per_execution_trips_inside_one_call():
     x, y = batches(n=4)
     y[0:16] = np.nan  # batches 0 and 1, then good ones in the same call

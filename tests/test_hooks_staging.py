@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import mlp
+from conftest import only_backends
 
 import keras_custom as kc
 from keras_custom import hooks
@@ -96,9 +97,9 @@ def counting(base):
     class Counting(base):
         traces = 0
 
-        def train_step(self, data):
+        def train_step(self, *args):  # (data), or (state, data) on JAX
             type(self).traces += 1  # Python runs only while tracing
-            return super().train_step(data)
+            return super().train_step(*args)
 
     return Counting
 
@@ -117,6 +118,8 @@ def traces_of(
         ]
     )
     kwargs = {"hooks": hooks_} if hooks_ is not None else {}
+    # On JAX only `jit_compile=True` traces (False runs the step in Python).
+    jit_compile = jit_compile or keras.backend.backend() == "jax"
     model.compile(optimizer, "mse", jit_compile=jit_compile, **kwargs)
     model.fit(
         x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=callbacks, shuffle=False
@@ -134,6 +137,7 @@ def windowed_hooks():
     ]
 
 
+@only_backends("tensorflow", "jax")  # torch runs the step in Python each time
 def test_windows_never_trace_again():
     plain, _ = traces_of(keras.Sequential, epochs=3)
     one, _ = traces_of(kc.Sequential, epochs=1, hooks_=windowed_hooks())
@@ -150,6 +154,7 @@ class SetLimit(keras.callbacks.Callback):
         self.hook.limit = self.limits[epoch]
 
 
+@only_backends("tensorflow", "jax")  # torch runs the step in Python each time
 def test_strength_changed_from_a_callback_takes_effect_without_retracing():
     plain, _ = traces_of(keras.Sequential, epochs=3, optimizer=keras.optimizers.SGD(0.1))
     hook = hooks.ClipByValue(1.0)
