@@ -1,0 +1,292 @@
+"""What do hooks cost per training step, against the same math written by hand?
+
+    KERAS_BACKEND=jax python benchmarks/step_overhead.py     # or tensorflow, torch
+    python benchmarks/step_overhead.py --backends tensorflow jax torch
+
+Three models with the same architecture, data and optimizer are timed on the
+backend Keras runs on:
+
+- `keras`: a plain `keras.Sequential` with no hooks (the floor);
+- `hand_written`: a `keras.Sequential` whose `train_step` is written by hand for
+  this backend (TensorFlow: `GradientTape`; JAX: the stateless `train_step` of the
+  Keras guide "Customizing fit() with JAX"; PyTorch: autograd as in "Customizing
+  fit() with PyTorch") and does what the hooks do: an L2 penalty on the kernels
+  added to the loss, clipping by global norm, and the mean of the clipped
+  gradient's global norm, the loss and the penalty as logged metrics;
+- `keras_custom`: `kc.Sequential` with `[WeightPenalty(l2), ClipByGlobalNorm,
+  LogGradNorm]`.
+
+Each is compiled with Keras's defaults for the backend (XLA on TensorFlow and
+JAX, eager PyTorch) and warmed up with one epoch (tracing). Then the three run
+interleaved: each repetition fits one epoch of `--steps` batches of each model in
+turn (the order rotates), and the time per step of a repetition is its wall time
+divided by the steps. The figure per model is the median over repetitions; the
+ratios are between medians. Results go to `benchmarks/results/<backend>.json`.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+WIDTH = 512
+INPUTS = 256
+OUTPUTS = 10
+BATCH = 256
+L2 = 1e-4
+MAX_NORM = 1.0
+LR = 0.01
+
+
+def _layers(keras):
+    return [
+        keras.Input((INPUTS,)),
+        keras.layers.Dense(WIDTH, activation="relu", name="d1"),
+        keras.layers.Dense(WIDTH, activation="relu", name="d2"),
+        keras.layers.Dense(OUTPUTS, name="out"),
+    ]
+
+
+def _hand_written_class(keras):
+    """A `keras.Sequential` with the hooks' math in a hand-written `train_step`."""
+    from keras import ops
+
+    backend = keras.backend.backend()
+
+    def penalty_of(kernels):
+        return L2 * sum(ops.sum(ops.square(k)) for k in kernels)
+
+    def clip(grads):
+        norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+        factor = MAX_NORM / ops.maximum(norm, MAX_NORM)
+        grads = [g * factor for g in grads]
+        return grads, ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+
+    class HandWritten(keras.Sequential):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_tracker = keras.metrics.Mean(name="loss")
+            self.penalty_tracker = keras.metrics.Mean(name="weight_penalty")
+            self.norm_tracker = keras.metrics.Mean(name="grad_norm")
+
+        @property
+        def metrics(self):
+            return [self.loss_tracker, self.penalty_tracker, self.norm_tracker]
+
+        def _kernel_indices(self):
+            return [
+                i for i, v in enumerate(self.trainable_variables) if "kernel" in v.path
+            ]
+
+        if backend == "tensorflow":
+
+            def train_step(self, data):
+                import tensorflow as tf
+
+                x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+                kernels = [self.trainable_variables[i] for i in self._kernel_indices()]
+                with tf.GradientTape() as tape:
+                    y_pred = self(x, training=True)
+                    penalty = penalty_of(kernels)
+                    loss = self.compute_loss(y=y, y_pred=y_pred) + penalty
+                grads = tape.gradient(loss, self.trainable_variables)
+                grads, norm = clip(grads)
+                self.optimizer.apply(grads, self.trainable_variables)
+                self.loss_tracker.update_state(loss)
+                self.penalty_tracker.update_state(penalty)
+                self.norm_tracker.update_state(norm)
+                return {m.name: m.result() for m in self.metrics}
+
+        elif backend == "torch":
+
+            def train_step(self, data):
+                import torch
+
+                x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+                self.zero_grad()
+                kernels = [self.trainable_variables[i] for i in self._kernel_indices()]
+                y_pred = self(x, training=True)
+                penalty = penalty_of(kernels)
+                loss = self.compute_loss(y=y, y_pred=y_pred) + penalty
+                loss.backward()
+                weights = self.trainable_weights[:]
+                grads = [v.value.grad for v in weights]
+                with torch.no_grad():
+                    grads, norm = clip(grads)
+                    self.optimizer.apply(grads, weights)
+                    self.loss_tracker.update_state(loss)
+                    self.penalty_tracker.update_state(penalty)
+                    self.norm_tracker.update_state(norm)
+                return {m.name: m.result() for m in self.metrics}
+
+        else:  # jax
+
+            def compute_loss_and_updates(self, trainable, non_trainable, x, y):
+                y_pred, non_trainable = self.stateless_call(
+                    trainable, non_trainable, x, training=True
+                )
+                penalty = penalty_of([trainable[i] for i in self._kernel_indices()])
+                loss = self.compute_loss(x, y, y_pred) + penalty
+                return loss, (non_trainable, penalty)
+
+            def train_step(self, state, data):
+                import jax
+
+                trainable, non_trainable, optimizer_vars, metrics_vars = state
+                x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+                grad_fn = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
+                (loss, (non_trainable, penalty)), grads = grad_fn(
+                    trainable, non_trainable, x, y
+                )
+                grads, norm = clip(grads)
+                trainable, optimizer_vars = self.optimizer.stateless_apply(
+                    optimizer_vars, grads, trainable
+                )
+                logs, new_metrics_vars, start = {}, [], 0
+                for metric, value in zip(self.metrics, (loss, penalty, norm)):
+                    end = start + len(metric.variables)
+                    this = metric.stateless_update_state(metrics_vars[start:end], value)
+                    logs[metric.name] = metric.stateless_result(this)
+                    new_metrics_vars += this
+                    start = end
+                return logs, (trainable, non_trainable, optimizer_vars, new_metrics_vars)
+
+    return HandWritten
+
+
+def measure(steps, repetitions, seed=0):
+    import keras
+    import numpy as np
+
+    import keras_custom as kc
+    from keras_custom import hooks
+
+    backend = keras.backend.backend()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(BATCH * steps, INPUTS)).astype("float32")
+    y = rng.normal(size=(BATCH * steps, OUTPUTS)).astype("float32")
+
+    keras.utils.set_random_seed(seed)
+    weights = keras.Sequential(_layers(keras)).get_weights()
+
+    def make(case):
+        if case == "keras":
+            model = keras.Sequential(_layers(keras))
+            extra = {}
+        elif case == "hand_written":
+            model = _hand_written_class(keras)(_layers(keras))
+            extra = {}
+        else:
+            model = kc.Sequential(_layers(keras))
+            extra = {
+                "hooks": [
+                    hooks.WeightPenalty(l2=L2),
+                    hooks.ClipByGlobalNorm(MAX_NORM),
+                    hooks.LogGradNorm(),
+                ]
+            }
+        model.set_weights(weights)
+        model.compile(keras.optimizers.SGD(LR), "mse", **extra)
+        return model
+
+    cases = ["keras", "hand_written", "keras_custom"]
+    models = {case: make(case) for case in cases}
+
+    def epoch(model):
+        start = time.perf_counter()
+        history = model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+        return time.perf_counter() - start, history.history
+
+    first_logs = {}
+    for case in cases:  # warm-up: traces and compiles
+        _, first_logs[case] = epoch(models[case])
+    # The two hooked variants do the same math from the same weights.
+    for name in ("loss", "weight_penalty", "grad_norm"):
+        a, b = first_logs["hand_written"][name][0], first_logs["keras_custom"][name][0]
+        if abs(a - b) > 1e-4 * max(1.0, abs(a)):
+            raise AssertionError(f"{name}: hand-written {a} != keras_custom {b}")
+
+    times = {case: [] for case in cases}
+    for rep in range(repetitions):
+        order = cases[rep % 3 :] + cases[: rep % 3]
+        for case in order:
+            seconds, _ = epoch(models[case])
+            times[case].append(seconds / steps)
+
+    medians = {case: statistics.median(t) for case, t in times.items()}
+    rows = []
+    for case in cases:
+        t = sorted(times[case])
+        rows.append(
+            {
+                "case": case,
+                "ms_per_step": round(1e3 * medians[case], 3),
+                "ms_q1": round(1e3 * t[len(t) // 4], 3),
+                "ms_q3": round(1e3 * t[(3 * len(t)) // 4], 3),
+                "vs_hand_written": round(medians[case] / medians["hand_written"], 4),
+                "vs_keras": round(medians[case] / medians["keras"], 4),
+            }
+        )
+    versions = {"keras": keras.__version__}
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[backend]
+    versions[module] = __import__(module).__version__
+    return {
+        "backend": backend,
+        "model": f"MLP {INPUTS}-{WIDTH}-{WIDTH}-{OUTPUTS}, batch {BATCH}, SGD, mse",
+        "hooks": "WeightPenalty(l2), ClipByGlobalNorm, LogGradNorm",
+        "steps_per_repetition": steps,
+        "repetitions": repetitions,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "versions": versions,
+        "results": rows,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=48, help="batches per repetition")
+    parser.add_argument("--repetitions", type=int, default=15)
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["tensorflow", "jax", "torch"],
+        help="run each in a subprocess (default: the current KERAS_BACKEND only)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    if args.backends:
+        code = 0
+        for backend in args.backends:
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            cmd = [sys.executable, __file__, "--steps", str(args.steps)]
+            cmd += ["--repetitions", str(args.repetitions)]
+            cmd += ["--no-write"] if args.no_write else []
+            code |= subprocess.call(cmd, env=env)
+        return code
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    result = measure(args.steps, args.repetitions)
+    print(f"[{result['backend']}] {result['model']}; hooks: {result['hooks']}")
+    for row in result["results"]:
+        print(
+            f"  {row['case']:>13}: {row['ms_per_step']:8.3f} ms/step "
+            f"(IQR {row['ms_q1']:.3f}-{row['ms_q3']:.3f})  "
+            f"x{row['vs_hand_written']:.3f} hand-written, x{row['vs_keras']:.3f} keras"
+        )
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{result['backend']}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"  wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
