@@ -12,6 +12,9 @@ from keras_custom.hook import Strength
 def global_norm(grads):
     """The L2 norm of all gradients together (`None` entries are skipped).
 
+    Computed in float32 as the square root of the sum of squares, as Keras and optax
+    do: magnitudes below about 1e-19 square to zero (their norm reads 0).
+
     Example:
 
     >>> float(global_norm([keras.ops.array([3.0]), None, keras.ops.array([4.0])]))
