@@ -21,15 +21,24 @@ class Strength:
     changed between steps (from a callback, say) without tracing the step again:
     `hook.max_norm = 0.5`. A schedule is evaluated at the optimizer's step.
 
+    With `zero_drops` set, a strength that is the float `0.0` when the hook is
+    built is structurally zero: the hook leaves the term it weighs out of the
+    compiled step (`Hook.is_zero(name)`), so it costs nothing. The step then cannot
+    see a later change, and setting a non-zero value after the build is an error.
+
     Args:
         minimum: the smallest value allowed.
         inclusive: whether `minimum` itself is allowed (`l2=0.0` is; `max_norm=0.0`
             is not).
+        zero_drops: what a zero strength leaves out of the step (e.g. `"L1 term"`),
+            for the error message; `None`: a zero is kept in a variable like any
+            other value.
     """
 
-    def __init__(self, minimum=0.0, inclusive=False):
+    def __init__(self, minimum=0.0, inclusive=False, zero_drops=None):
         self.minimum = minimum
         self.inclusive = inclusive
+        self.zero_drops = zero_drops
 
     def __set_name__(self, owner, name):
         self.name = name
@@ -41,6 +50,16 @@ class Strength:
 
     def __set__(self, hook, value):
         value = _validation.strength(hook, self.name, value, self.minimum, self.inclusive)
+        if self.name in hook._zero_strengths and (
+            isinstance(value, _SCHEDULE) or float(value) != 0.0
+        ):
+            cls = type(hook).__name__
+            raise ValueError(
+                f"{cls}: `{self.name}` was 0 when the hook was built, so the compiled "
+                f"step has no {self.zero_drops}; recompile with a non-zero "
+                f"`{self.name}` in a new {cls} (a float or a schedule). "
+                f"Received: {self.name}={value!r}"
+            )
         hook._strengths[self.name] = value
         variable = hook._strength_variables.get(self.name)
         if variable is not None:
@@ -105,6 +124,7 @@ class Hook(KerasSaveable):
     def __init__(self, start_step=0, stop_step=None, name=None):
         self._strengths = {}
         self._strength_variables = {}
+        self._zero_strengths = set()
         self._variables = []
         self._pending_state = None
         self._context = None
@@ -231,6 +251,11 @@ class Hook(KerasSaveable):
         """Whether the hook is active only part of the time."""
         return self.start_step > 0 or self.stop_step is not None
 
+    def is_zero(self, name):
+        """Whether the strength `name` was the float 0 at build time (see
+        `Strength(zero_drops=...)`): the hook then leaves its term out."""
+        return name in self._zero_strengths
+
     def strength(self, name, step=None):
         """The value of the strength `name` at `step`, as a float32 tensor.
 
@@ -255,6 +280,13 @@ class Hook(KerasSaveable):
                 self._strength_variables[name] = self.add_variable(
                     initializer=float(value), name=f"{self.name}_{name}"
                 )
+                descriptor = getattr(type(self), name, None)
+                if (
+                    isinstance(descriptor, Strength)
+                    and descriptor.zero_drops is not None
+                    and float(value) == 0.0
+                ):
+                    self._zero_strengths.add(name)
         self.build(model)
         self.built = True
         if self._pending_state is not None:

@@ -12,6 +12,9 @@ from keras_custom.hook import Strength
 def weight_penalty(weights, l1=0.0, l2=0.0):
     """`l1 * sum|w| + l2 * sum w**2` over `weights` (Keras's regularizer convention).
 
+    A strength that is the Python number 0 leaves its term out (nothing is
+    computed for it); a tensor strength is always computed, even when it holds 0.
+
     Args:
         weights: a list of tensors.
         l1: the L1 strength (float or scalar tensor).
@@ -25,13 +28,19 @@ def weight_penalty(weights, l1=0.0, l2=0.0):
     >>> float(weight_penalty([keras.ops.array([1.0, -2.0])], l1=0.5, l2=0.1))
     2.0
     """
-    total_abs = ops.convert_to_tensor(0.0, "float32")
-    total_sq = ops.convert_to_tensor(0.0, "float32")
-    for w in weights:
-        w = ops.cast(w, "float32")
-        total_abs = total_abs + ops.sum(ops.abs(w))
-        total_sq = total_sq + ops.sum(ops.square(w))
-    return ops.cast(l1, "float32") * total_abs + ops.cast(l2, "float32") * total_sq
+    terms = []
+    for strength, fn in ((l1, ops.abs), (l2, ops.square)):
+        if isinstance(strength, (int, float)) and strength == 0:
+            continue
+        total = None
+        for w in weights:
+            part = ops.sum(fn(ops.cast(w, "float32")))
+            total = part if total is None else total + part
+        if total is not None:
+            terms.append(ops.cast(strength, "float32") * total)
+    if not terms:
+        return ops.convert_to_tensor(0.0, "float32")
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
@@ -41,6 +50,12 @@ class WeightPenalty(Hook):
     By default it acts on kernels and embedding tables, not on biases or the
     scale/offset of normalization layers. The term is part of `loss` and of
     `val_loss`, as Keras's own `kernel_regularizer` would be.
+
+    A strength given as `0.0` (the default) adds no work to the step: its term is
+    left out when the hook is built. A non-zero float can be changed later
+    (`hook.l2 = 1e-3`, from a callback) without tracing the step again; a strength
+    that was 0 at build time cannot become non-zero (that is a `ValueError`:
+    recompile with a new hook).
 
     Args:
         l1: L1 strength, a float >= 0 or a `LearningRateSchedule`.
@@ -58,8 +73,8 @@ class WeightPenalty(Hook):
     0.0001
     """
 
-    l1 = Strength(minimum=0.0, inclusive=True)
-    l2 = Strength(minimum=0.0, inclusive=True)
+    l1 = Strength(minimum=0.0, inclusive=True, zero_drops="L1 term")
+    l2 = Strength(minimum=0.0, inclusive=True, zero_drops="L2 term")
 
     def __init__(
         self, l1=0.0, l2=0.0, include=None, exclude=None, name="weight_penalty", **kwargs
@@ -93,7 +108,8 @@ class WeightPenalty(Hook):
         self.declare_log(self.name)
 
     def loss_term(self, model, x, y, y_pred, sample_weight, training):
-        penalty = weight_penalty(self._weights, self.strength("l1"), self.strength("l2"))
+        l1, l2 = (0.0 if self.is_zero(n) else self.strength(n) for n in ("l1", "l2"))
+        penalty = weight_penalty(self._weights, l1, l2)
         self.log(self.name, penalty)
         return penalty
 
