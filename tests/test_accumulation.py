@@ -8,18 +8,10 @@ step on the N-times batch, clipping included, and `step` counts updates.
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
 from conftest import mlp
 
 import keras_custom as kc
 from keras_custom import hooks
-
-# The JAX step carries the hooks' state through `jit` explicitly; the model's
-# accumulators and the accumulation `cond` are not wired into it yet.
-pytestmark = pytest.mark.xfail(
-    BACKEND == "jax", reason="JAX backend: accumulation state not threaded yet",
-    strict=False,
-)
 
 
 def _rel(ws, expected):

@@ -12,11 +12,15 @@ the metrics group already.
 Inside the step the generic stages (`keras_custom/trainer.py`) run in a
 `keras.StatelessScope` that maps every variable to its traced value: hook code that
 reads or assigns a variable works as it does on TensorFlow, and the new values are
-collected when the scope closes. Two things differ from the generic code:
+collected when the scope closes. The model's own state holders (the gradient
+accumulator) travel with the hooks' state. Three things differ from the generic
+code:
 
 - `apply_update` selects old or new values with `where` instead of running the
   optimizer in a `cond` branch (an assignment inside a `lax.cond` branch would leak
   a tracer out of the branch);
+- `_kc_cond` (the gradient-accumulation update) runs both branches from the same
+  state and keeps each variable's value from the selected one, with `where`;
 - a log name must be declared in `build` (`Hook.declare_log`): the jitted step
   cannot create the variables of a new tracker.
 """
@@ -112,7 +116,7 @@ class StepMixin:
         which loss terms with a schedule or a step window read (the test state of
         Keras holds no optimizer variable).
         """
-        extra = _hook_variables(self._kc_hooks)
+        extra = _hook_variables(self._kc_all_hooks)
         if not training and getattr(self, "optimizer", None) is not None:
             if getattr(self.optimizer, "built", False):
                 extra.append(self.optimizer.iterations)
@@ -346,6 +350,49 @@ class StepMixin:
         return self._kc_unscale(grads, record=False), loss
 
     # -------------------------------------------------------- update stage
+    def _kc_cond(self, pred, true_fn, false_fn, *args):
+        """`cond` for branches that update state, without `lax.cond`.
+
+        An assignment inside a `lax.cond` branch would leak a tracer out of the
+        branch. Here both branches run, each from the same state, and every
+        variable keeps the value of the branch `pred` selects (`where`). With a
+        concrete `pred` (eager, outside `jit`) only the selected branch runs.
+        """
+        pred = ops.convert_to_tensor(pred)
+        if not isinstance(pred, jax.core.Tracer):
+            return true_fn(*args) if bool(pred) else false_fn(*args)
+        scope = get_stateless_scope()
+        if scope is None:
+            raise RuntimeError(
+                "JAX backend: a traced step must run in a `keras.StatelessScope` "
+                "holding the model's state (as `fit` and `train_on_batch` do); "
+                "call `apply_hooks` eagerly or from such a scope. "
+                f"Received: a traced condition {pred!r} outside any scope"
+            )
+        self._kc_where_branches(scope, pred, true_fn, false_fn, args)
+        return None
+
+    def _kc_where_branches(self, scope, pred, true_fn, false_fn, args):
+        before = dict(scope.state_mapping)
+        true_fn(*args)
+        after_true = dict(scope.state_mapping)
+        scope.state_mapping.clear()
+        scope.state_mapping.update(before)
+        false_fn(*args)
+        after_false = dict(scope.state_mapping)
+        for key in set(after_true) | set(after_false):
+            on_true = after_true.get(key, before.get(key))
+            on_false = after_false.get(key, before.get(key))
+            if on_true is on_false:
+                continue
+            if on_true is None or on_false is None:
+                raise RuntimeError(
+                    "JAX backend: a conditional stage assigned a variable that is "
+                    "not part of the step's state (create hook state with "
+                    "`Hook.add_variable` in `build`)."
+                )
+            scope.state_mapping[key] = ops.where(pred, on_true, on_false)
+
     def apply_update(self, grads, variables, step):
         """Stage 5 without `cond`: the update is computed, then kept or dropped.
 
@@ -403,5 +450,5 @@ def _all_variables_of(model):
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
         out.extend(optimizer.variables)
-    out.extend(_hook_variables(model._kc_hooks))
+    out.extend(_hook_variables(model._kc_all_hooks))
     return out
