@@ -8,7 +8,7 @@ gradients cannot accumulate across steps (or across the two passes of
 `torch.no_grad()`, as Keras runs the optimizer.
 
 Keras variables on this backend are updated in place: a hook that keeps a value
-for later must copy it (`keras.ops.copy`), as `trainer._kc_step` does for the step.
+for later must copy it (`keras.ops.copy`), as `_kc_step` does for the step.
 """
 
 import contextlib
@@ -81,6 +81,16 @@ class StepMixin:
             warnings.warn("The model does not have any trainable weights.")
         with torch.no_grad():
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _kc_step(self):
+        # The generic `ops.cast(ops.copy(iterations), "int64")` is two Keras ops
+        # (each a `convert_to_tensor` in Python) on every step; one `to` with
+        # `copy=True` gives the same int64 snapshot that the in-place update of
+        # `iterations` leaves alone.
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None:
+            return super()._kc_step()
+        return optimizer.iterations.value.to(torch.int64, copy=True)
 
     def _kc_log(self, hook, name, value, reduction):
         # A logged value never needs a gradient: updating a tracker with a value

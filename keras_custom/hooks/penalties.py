@@ -34,7 +34,11 @@ def weight_penalty(weights, l1=0.0, l2=0.0):
             continue
         total = None
         for w in weights:
-            part = ops.sum(fn(ops.cast(w, "float32")))
+            if keras.backend.standardize_dtype(w.dtype) != "float32":
+                # Only when needed: even a no-op cast costs Python work on every
+                # eager PyTorch step.
+                w = ops.cast(w, "float32")
+            part = ops.sum(fn(w))
             total = part if total is None else total + part
         if total is not None:
             terms.append(ops.cast(strength, "float32") * total)
