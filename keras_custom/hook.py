@@ -240,7 +240,7 @@ class Hook(KerasSaveable):
 
     def is_active(self, step):
         """A boolean tensor: whether the hook is active at `step`."""
-        step = ops.convert_to_tensor(step, "int64")
+        step = ops.convert_to_tensor(step)
         active = ops.greater_equal(step, self.start_step)
         if self.stop_step is not None:
             active = ops.logical_and(active, ops.less(step, self.stop_step))

@@ -349,14 +349,15 @@ class HookedTrainer:
             self._kc_set("_kc_window", previous)
 
     def current_step(self):
-        """The optimizer's step: updates applied so far (an int64 tensor snapshot)."""
+        """The optimizer's step: updates applied so far (an integer tensor snapshot,
+        of the dtype of `optimizer.iterations`: int64, or int32 on JAX)."""
         return self._kc_step()
 
     def _kc_step(self):
-        """The optimizer's step before this update (a snapshot, int64)."""
+        """The optimizer's step before this update (a snapshot)."""
         if getattr(self, "optimizer", None) is None:
-            return ops.convert_to_tensor(0, "int64")
-        return ops.cast(ops.copy(self.optimizer.iterations), "int64")
+            return ops.convert_to_tensor(0, "int32")
+        return ops.copy(self.optimizer.iterations)
 
     # ------------------------------------------------------------ loss stage
     def forward_pass(self, x, training):

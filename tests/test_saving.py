@@ -229,7 +229,7 @@ def test_hook_state_is_saved(data, tmp_path):
 
     class Counter(kc.Hook):
         def build(self, model):
-            self.count = self.add_variable(dtype="int64")
+            self.count = self.add_variable(dtype="int32")
 
         def after_update(self, model, step):
             self.count.assign_add(1)

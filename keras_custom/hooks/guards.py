@@ -137,7 +137,7 @@ class SkipNonFinite(Hook):
             initializer=_NO_CAUSE, dtype="int32", name=f"{self.name}_cause"
         )
         self.tripped_step = self.add_variable(
-            dtype="int64", name=f"{self.name}_tripped_step"
+            dtype="int32", name=f"{self.name}_tripped_step"
         )
 
     def process_gradients(self, grads, variables, step):
@@ -175,7 +175,11 @@ class SkipNonFinite(Hook):
             )
             self.cause.assign(ops.where(trip_now, cause, self.cause.value))
             self.tripped_step.assign(
-                ops.where(trip_now, ops.cast(step, "int64"), self.tripped_step.value)
+                ops.where(
+                    trip_now,
+                    ops.cast(step, self.tripped_step.dtype),
+                    self.tripped_step.value,
+                )
             )
             tripped = ops.logical_or(tripped, trip_now)
             self.tripped.assign(ops.cast(tripped, "int32"))

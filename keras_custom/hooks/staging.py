@@ -128,7 +128,7 @@ class Freeze(Hook):
         """A boolean tensor: whether the weights are frozen at `step`."""
         frozen = self.is_active(step)
         if self.until_step is not None:
-            step = ops.convert_to_tensor(step, "int64")
+            step = ops.convert_to_tensor(step)
             frozen = ops.logical_and(frozen, ops.less(step, self.until_step))
         return frozen
 
