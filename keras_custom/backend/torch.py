@@ -83,14 +83,14 @@ class StepMixin:
             return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _kc_step(self):
-        # The generic `ops.cast(ops.copy(iterations), "int64")` is two Keras ops
-        # (each a `convert_to_tensor` in Python) on every step; one `to` with
-        # `copy=True` gives the same int64 snapshot that the in-place update of
-        # `iterations` leaves alone.
+        # The generic `ops.copy(iterations)` goes through Keras's
+        # `convert_to_tensor` in Python on every eager step; a `clone` is the same
+        # snapshot (same dtype), which the in-place update of `iterations` leaves
+        # alone.
         optimizer = getattr(self, "optimizer", None)
         if optimizer is None:
             return super()._kc_step()
-        return optimizer.iterations.value.to(torch.int64, copy=True)
+        return optimizer.iterations.value.clone()
 
     def _kc_log(self, hook, name, value, reduction):
         # A logged value never needs a gradient: updating a tracker with a value
