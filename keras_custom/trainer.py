@@ -51,10 +51,12 @@ class _PerThread:
         self.name = name
 
     def _local(self, model):
-        with self._lock:
-            local = self._locals.get(model)
-            if local is None:
-                local = self._locals[model] = threading.local()
+        local = self._locals.get(model)  # the common case needs no lock
+        if local is None:
+            with self._lock:
+                local = self._locals.get(model)
+                if local is None:
+                    local = self._locals[model] = threading.local()
         return local
 
     def __get__(self, model, owner=None):
@@ -267,7 +269,8 @@ class HookedTrainer:
             return
         if self._kc_in_test:
             self._kc_eval_names.add(name)
-        value = ops.cast(value, "float32")
+        if backend_dtype(value) != "float32":
+            value = ops.cast(value, "float32")
         weight = self._kc_window
         if weight is not None:
             tracker.update_state(value, sample_weight=weight)
@@ -794,6 +797,14 @@ def _public_optimizers(config):
     if isinstance(config, list):
         return [_public_optimizers(value) for value in config]
     return config
+
+
+def backend_dtype(value):
+    """The standardized dtype of a tensor or a Python number."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return None
+    return keras.backend.standardize_dtype(dtype)
 
 
 def optimizer_is_built(optimizer):

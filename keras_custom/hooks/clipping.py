@@ -23,7 +23,9 @@ def global_norm(grads):
     total = ops.convert_to_tensor(0.0, "float32")
     for g in grads:
         if g is not None:
-            total = total + ops.sum(ops.square(ops.cast(g, "float32")))
+            if keras.backend.standardize_dtype(g.dtype) != "float32":
+                g = ops.cast(g, "float32")
+            total = total + ops.sum(ops.square(g))
     return ops.sqrt(total)
 
 
