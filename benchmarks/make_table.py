@@ -14,6 +14,10 @@ same in every row are stated once above the table instead of repeated.
 The table replaces what lies between the markers
 `<!-- benchmarks-table:start -->` and `<!-- benchmarks-table:end -->` in the page;
 nothing else of the page changes.
+
+A column that only restates another (`hooks`, the list of hooks, is fixed by
+`hook_set`, its name) is stated once per value of that column above the table
+instead of in every row.
 """
 
 import argparse
@@ -32,7 +36,19 @@ END = "<!-- benchmarks-table:end -->"
 
 ROW_LISTS = ("results", "rows", "runs", "measurements")
 # Columns shown first, in this order, when present.
-LEADING = ("backend", "case", "config", "configuration", "hooks", "name", "model")
+LEADING = (
+    "backend",
+    "hook_set",
+    "case",
+    "config",
+    "configuration",
+    "hooks",
+    "name",
+    "model",
+)
+# {column: key}: the column is stated once per value of `key` above the table, when
+# each value of `key` has one value of the column.
+DESCRIBED_BY = {"hooks": "hook_set"}
 # The quantity plotted (a time per step, so that the baseline shows): the first of
 # these that every row has, else the first numeric column.
 PLOTTED = (
@@ -99,9 +115,11 @@ def rows_of(data, source="<data>"):
 
 
 def load_results(folder=RESULTS):
-    """All rows of `folder/*.json`, files in name order."""
+    """All rows of `folder/*.json`, files in name order (`x.json` before
+    `x-logging.json`: names are compared as their `-`-separated parts)."""
     rows = []
-    for path in sorted(pathlib.Path(folder).glob("*.json")):
+    paths = pathlib.Path(folder).glob("*.json")
+    for path in sorted(paths, key=lambda p: (p.stem.split("-"), p.name)):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
@@ -154,6 +172,26 @@ def split_constant(rows):
     return [c for c in columns if c not in constant], constant
 
 
+def _determined_by(rows, column, key):
+    """Whether every value of `key` comes with one value of `column`."""
+    seen = {}
+    for row in rows:
+        k = json.dumps(row.get(key), sort_keys=True)
+        v = json.dumps(row.get(column), sort_keys=True)
+        if seen.setdefault(k, v) != v:
+            return False
+    return True
+
+
+def described_columns(rows, columns):
+    """`{column: key}` of the varying columns stated once per value of `key`."""
+    return {
+        c: k
+        for c, k in DESCRIBED_BY.items()
+        if c in columns and k in columns and _determined_by(rows, c, k)
+    }
+
+
 def render_table(rows):
     """The Markdown of the results: a line of shared values, then the table."""
     if not rows:
@@ -166,6 +204,15 @@ def render_table(rows):
     if constant:
         shared = "; ".join(f"{k}: {_format(v)}" for k, v in constant.items())
         lines += [f"All rows: {shared}.", ""]
+    described = described_columns(rows, columns)
+    for column, key in described.items():
+        pairs = {}
+        for row in rows:
+            pairs.setdefault(_format(row.get(key)), _format(row.get(column)))
+        lines += [f"{column} by {key}:", ""]
+        lines += [f"- {k}: {v}" for k, v in pairs.items()]
+        lines.append("")
+    columns = [c for c in columns if c not in described]
     numeric = {
         c
         for c in columns
@@ -209,10 +256,16 @@ def plot(rows, path=PLOT):
     import matplotlib.pyplot as plt
 
     columns, _ = split_constant(rows)
+    # Labels: the non-numeric columns, less those that only restate another (the
+    # backend's versions, the hooks of a hook set).
+    described = described_columns(rows, columns)
     label_columns = [
         c
         for c in columns
-        if c not in (column, "backend") and not any(_is_number(r.get(c)) for r in rows)
+        if c not in (column, "backend")
+        and c not in described
+        and not any(_is_number(r.get(c)) for r in rows)
+        and (c in LEADING or not _determined_by(rows, c, "backend"))
     ]
 
     def label(i, row):

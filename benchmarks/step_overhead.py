@@ -2,6 +2,7 @@
 
     KERAS_BACKEND=jax python benchmarks/step_overhead.py     # or tensorflow, torch
     python benchmarks/step_overhead.py --backends tensorflow jax torch
+    python benchmarks/step_overhead.py --hooks logging       # the logging hook set
 
 Three models with the same architecture, data and optimizer are timed on the
 backend Keras runs on:
@@ -16,12 +17,22 @@ backend Keras runs on:
 - `keras_custom`: `kc.Sequential` with `[WeightPenalty(l2), ClipByGlobalNorm,
   LogGradNorm]`.
 
+With `--hooks logging`, `keras_custom` also has `LogGradNorm(name="grad_norm_raw")`
+before the clip and `LogWeightNorm`, `LogLearningRate`, `LogUpdateRatio` after it,
+and the hand-written step logs the same quantities with Keras `Mean` metrics and
+the same math: the global norm of the gradients before clipping (the one the clip
+computes anyway), the global norm of the weights after the update, the learning
+rate (read from the optimizer's variable), and `||w_new - w_old|| / ||w_old||`
+over all trainable weights (a copy of the weights taken before the update). Both
+steps' first-epoch logs are checked equal before timing.
+
 Each is compiled with Keras's defaults for the backend (XLA on TensorFlow and
 JAX, eager PyTorch) and warmed up with one epoch (tracing). Then the three run
 interleaved: each repetition fits one epoch of `--steps` batches of each model in
 turn (the order rotates), and the time per step of a repetition is its wall time
 divided by the steps. The figure per model is the median over repetitions; the
-ratios are between medians. Results go to `benchmarks/results/<backend>.json`.
+ratios are between medians. Results go to `benchmarks/results/<backend>.json`
+(`<backend>-logging.json` for the logging hook set).
 """
 
 import argparse
@@ -45,6 +56,25 @@ L2 = 1e-4
 MAX_NORM = 1.0
 LR = 0.01
 
+# What each hook set logs (the hand-written step logs the same, in this order).
+LOGS = {
+    "core": ["loss", "weight_penalty", "grad_norm"],
+    "logging": [
+        "loss",
+        "weight_penalty",
+        "grad_norm",
+        "grad_norm_raw",
+        "weight_norm",
+        "learning_rate",
+        "update_ratio",
+    ],
+}
+HOOKS = {
+    "core": "WeightPenalty(l2), ClipByGlobalNorm, LogGradNorm",
+    "logging": "WeightPenalty(l2), LogGradNorm(name=grad_norm_raw), ClipByGlobalNorm, "
+    "LogGradNorm, LogWeightNorm, LogLearningRate, LogUpdateRatio",
+}
+
 
 def _layers(keras):
     return [
@@ -55,31 +85,42 @@ def _layers(keras):
     ]
 
 
-def _hand_written_class(keras):
-    """A `keras.Sequential` with the hooks' math in a hand-written `train_step`."""
+def _hand_written_class(keras, hook_set="core"):
+    """A `keras.Sequential` with the hooks' math in a hand-written `train_step`.
+
+    `hook_set="logging"` also logs what the logging hooks log, with the same math:
+    the gradients' global norm before clipping (`grad_norm_raw`), the weights'
+    global norm after the update, the learning rate, and
+    `||w_new - w_old|| / ||w_old||` over all trainable weights.
+    """
     from keras import ops
 
     backend = keras.backend.backend()
+    logging = hook_set == "logging"
+
+    def norm_of(tensors):
+        return ops.sqrt(sum(ops.sum(ops.square(t)) for t in tensors))
 
     def penalty_of(kernels):
         return L2 * sum(ops.sum(ops.square(k)) for k in kernels)
 
     def clip(grads):
-        norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
-        factor = MAX_NORM / ops.maximum(norm, MAX_NORM)
+        raw = norm_of(grads)
+        factor = MAX_NORM / ops.maximum(raw, MAX_NORM)
         grads = [g * factor for g in grads]
-        return grads, ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+        return grads, raw, norm_of(grads)
+
+    def ratio_of(old, new):
+        return ops.divide_no_nan(norm_of([n - o for o, n in zip(old, new)]), norm_of(old))
 
     class HandWritten(keras.Sequential):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.loss_tracker = keras.metrics.Mean(name="loss")
-            self.penalty_tracker = keras.metrics.Mean(name="weight_penalty")
-            self.norm_tracker = keras.metrics.Mean(name="grad_norm")
+            self.trackers = [keras.metrics.Mean(name=n) for n in LOGS[hook_set]]
 
         @property
         def metrics(self):
-            return [self.loss_tracker, self.penalty_tracker, self.norm_tracker]
+            return list(self.trackers)
 
         def _kernel_indices(self):
             return [
@@ -92,17 +133,26 @@ def _hand_written_class(keras):
                 import tensorflow as tf
 
                 x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-                kernels = [self.trainable_variables[i] for i in self._kernel_indices()]
+                variables = self.trainable_variables
+                kernels = [variables[i] for i in self._kernel_indices()]
                 with tf.GradientTape() as tape:
                     y_pred = self(x, training=True)
                     penalty = penalty_of(kernels)
                     loss = self.compute_loss(y=y, y_pred=y_pred) + penalty
-                grads = tape.gradient(loss, self.trainable_variables)
-                grads, norm = clip(grads)
-                self.optimizer.apply(grads, self.trainable_variables)
-                self.loss_tracker.update_state(loss)
-                self.penalty_tracker.update_state(penalty)
-                self.norm_tracker.update_state(norm)
+                grads = tape.gradient(loss, variables)
+                grads, raw, norm = clip(grads)
+                values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
+                if logging:
+                    old = [tf.identity(v.value) for v in variables]
+                self.optimizer.apply(grads, variables)
+                if logging:
+                    new = [v.value for v in variables]
+                    values["grad_norm_raw"] = raw
+                    values["weight_norm"] = norm_of(new)
+                    values["learning_rate"] = self.optimizer.learning_rate
+                    values["update_ratio"] = ratio_of(old, new)
+                for metric in self.metrics:
+                    metric.update_state(values[metric.name])
                 return {m.name: m.result() for m in self.metrics}
 
         elif backend == "torch":
@@ -120,11 +170,19 @@ def _hand_written_class(keras):
                 weights = self.trainable_weights[:]
                 grads = [v.value.grad for v in weights]
                 with torch.no_grad():
-                    grads, norm = clip(grads)
+                    grads, raw, norm = clip(grads)
+                    values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
+                    if logging:
+                        old = [v.value.clone() for v in weights]
                     self.optimizer.apply(grads, weights)
-                    self.loss_tracker.update_state(loss)
-                    self.penalty_tracker.update_state(penalty)
-                    self.norm_tracker.update_state(norm)
+                    if logging:
+                        new = [v.value for v in weights]
+                        values["grad_norm_raw"] = raw
+                        values["weight_norm"] = norm_of(new)
+                        values["learning_rate"] = self.optimizer.learning_rate
+                        values["update_ratio"] = ratio_of(old, new)
+                    for metric in self.metrics:
+                        metric.update_state(values[metric.name])
                 return {m.name: m.result() for m in self.metrics}
 
         else:  # jax
@@ -146,14 +204,29 @@ def _hand_written_class(keras):
                 (loss, (non_trainable, penalty)), grads = grad_fn(
                     trainable, non_trainable, x, y
                 )
-                grads, norm = clip(grads)
+                grads, raw, norm = clip(grads)
+                old = trainable
                 trainable, optimizer_vars = self.optimizer.stateless_apply(
                     optimizer_vars, grads, trainable
                 )
+                values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
+                if logging:
+                    # The learning rate is one of the optimizer's variables: read its
+                    # value from the state, as the step must (not a traced constant).
+                    lr = self.optimizer.learning_rate
+                    index = next(
+                        i for i, v in enumerate(self.optimizer.variables) if v is lr
+                    )
+                    values["grad_norm_raw"] = raw
+                    values["weight_norm"] = norm_of(trainable)
+                    values["learning_rate"] = optimizer_vars[index]
+                    values["update_ratio"] = ratio_of(old, trainable)
                 logs, new_metrics_vars, start = {}, [], 0
-                for metric, value in zip(self.metrics, (loss, penalty, norm)):
+                for metric in self.metrics:
                     end = start + len(metric.variables)
-                    this = metric.stateless_update_state(metrics_vars[start:end], value)
+                    this = metric.stateless_update_state(
+                        metrics_vars[start:end], values[metric.name]
+                    )
                     logs[metric.name] = metric.stateless_result(this)
                     new_metrics_vars += this
                     start = end
@@ -162,12 +235,31 @@ def _hand_written_class(keras):
     return HandWritten
 
 
-def measure(steps, repetitions, seed=0):
+def _hooks(hook_set):
+    from keras_custom import hooks
+
+    if hook_set == "core":
+        return [
+            hooks.WeightPenalty(l2=L2),
+            hooks.ClipByGlobalNorm(MAX_NORM),
+            hooks.LogGradNorm(),
+        ]
+    return [
+        hooks.WeightPenalty(l2=L2),
+        hooks.LogGradNorm(name="grad_norm_raw"),
+        hooks.ClipByGlobalNorm(MAX_NORM),
+        hooks.LogGradNorm(),
+        hooks.LogWeightNorm(),
+        hooks.LogLearningRate(),
+        hooks.LogUpdateRatio(),
+    ]
+
+
+def measure(steps, repetitions, hook_set="core", seed=0):
     import keras
     import numpy as np
 
     import keras_custom as kc
-    from keras_custom import hooks
 
     backend = keras.backend.backend()
     rng = np.random.default_rng(seed)
@@ -182,17 +274,11 @@ def measure(steps, repetitions, seed=0):
             model = keras.Sequential(_layers(keras))
             extra = {}
         elif case == "hand_written":
-            model = _hand_written_class(keras)(_layers(keras))
+            model = _hand_written_class(keras, hook_set)(_layers(keras))
             extra = {}
         else:
             model = kc.Sequential(_layers(keras))
-            extra = {
-                "hooks": [
-                    hooks.WeightPenalty(l2=L2),
-                    hooks.ClipByGlobalNorm(MAX_NORM),
-                    hooks.LogGradNorm(),
-                ]
-            }
+            extra = {"hooks": _hooks(hook_set)}
         model.set_weights(weights)
         model.compile(keras.optimizers.SGD(LR), "mse", **extra)
         return model
@@ -209,9 +295,9 @@ def measure(steps, repetitions, seed=0):
     for case in cases:  # warm-up: traces and compiles
         _, first_logs[case] = epoch(models[case])
     # The two hooked variants do the same math from the same weights.
-    for name in ("loss", "weight_penalty", "grad_norm"):
+    for name in LOGS[hook_set]:
         a, b = first_logs["hand_written"][name][0], first_logs["keras_custom"][name][0]
-        if abs(a - b) > 1e-4 * max(1.0, abs(a)):
+        if abs(a - b) > 1e-4 * abs(a) + 1e-8:
             raise AssertionError(f"{name}: hand-written {a} != keras_custom {b}")
 
     times = {case: [] for case in cases}
@@ -241,7 +327,8 @@ def measure(steps, repetitions, seed=0):
     return {
         "backend": backend,
         "model": f"MLP {INPUTS}-{WIDTH}-{WIDTH}-{OUTPUTS}, batch {BATCH}, SGD, mse",
-        "hooks": "WeightPenalty(l2), ClipByGlobalNorm, LogGradNorm",
+        "hook_set": hook_set,
+        "hooks": HOOKS[hook_set],
         "steps_per_repetition": steps,
         "repetitions": repetitions,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
@@ -260,6 +347,14 @@ def main():
         choices=["tensorflow", "jax", "torch"],
         help="run each in a subprocess (default: the current KERAS_BACKEND only)",
     )
+    parser.add_argument(
+        "--hooks",
+        choices=sorted(LOGS),
+        default="core",
+        help="hook set: core = WeightPenalty, ClipByGlobalNorm, LogGradNorm; logging "
+        "= those plus LogGradNorm before the clip, LogWeightNorm, LogLearningRate and "
+        "LogUpdateRatio (results in <backend>-logging.json)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     if args.backends:
@@ -267,12 +362,12 @@ def main():
         for backend in args.backends:
             env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
             cmd = [sys.executable, __file__, "--steps", str(args.steps)]
-            cmd += ["--repetitions", str(args.repetitions)]
+            cmd += ["--repetitions", str(args.repetitions), "--hooks", args.hooks]
             cmd += ["--no-write"] if args.no_write else []
             code |= subprocess.call(cmd, env=env)
         return code
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    result = measure(args.steps, args.repetitions)
+    result = measure(args.steps, args.repetitions, args.hooks)
     print(f"[{result['backend']}] {result['model']}; hooks: {result['hooks']}")
     for row in result["results"]:
         print(
@@ -282,7 +377,8 @@ def main():
         )
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{result['backend']}.json"
+        suffix = "" if args.hooks == "core" else f"-{args.hooks}"
+        path = RESULTS / f"{result['backend']}{suffix}.json"
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"  wrote {path.relative_to(ROOT)}")
     return 0
