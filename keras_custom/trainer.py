@@ -373,6 +373,25 @@ class HookedTrainer:
             return self(x, training=training)
         return self(x)
 
+    def _kc_forward_and_loss(self, x, y, sample_weight, training):
+        """Stages 1 and 2 of either step: `(y_pred, loss)`."""
+        y_pred = self.forward_pass(x, training=training)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
+        return y_pred, loss
+
+    def _kc_track_loss(self, x, loss):
+        """Updates the `loss` tracker, as Keras's steps do (global batch value)."""
+        self._loss_tracker.update_state(
+            loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=self._kc_batch_size(x),
+        )
+
+    def _kc_batch_size(self, x):
+        first = next(i for i in keras.tree.flatten(x) if i is not None)
+        return ops.shape(first)[0]
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):

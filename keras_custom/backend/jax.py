@@ -31,11 +31,9 @@ import warnings
 import jax
 import keras
 from keras import ops
-from keras.src import tree
 from keras.src.backend.common import global_state
 from keras.src.backend.common.stateless_scope import get_stateless_scope
 from keras.src.backend.common.stateless_scope import in_stateless_scope
-from keras.src.losses import loss as loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 _LSO = keras.optimizers.LossScaleOptimizer
@@ -68,10 +66,6 @@ def _int64_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Explicitly requested dtype int64")
         yield
-
-
-def _batch_size(x):
-    return next(i for i in tree.flatten(x) if i is not None).shape[0]
 
 
 def _any(conditions):
@@ -244,9 +238,8 @@ class StepMixin:
         def loss_fn(trainable_values):
             mapping = self._kc_mapping(groups, dict(values, trainable=trainable_values))
             with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as s:
-                y_pred = self.forward_pass(x, training=True)
-                loss = self._compute_loss(
-                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                y_pred, loss = self._kc_forward_and_loss(
+                    x, y, sample_weight, training=True
                 )
                 scaled = loss
                 if self.optimizer is not None:
@@ -267,10 +260,7 @@ class StepMixin:
 
         mapping = self._kc_mapping(groups, values)
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss),
-                sample_weight=_batch_size(x),
-            )
+            self._kc_track_loss(x, loss)
             if grads is not None:
                 self._kc_set("_kc_batch", (x, y, sample_weight))
                 try:
@@ -301,14 +291,8 @@ class StepMixin:
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         mapping = self._kc_mapping(groups, values)
         with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-            y_pred = self.forward_pass(x, training=False)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-            )
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss),
-                sample_weight=_batch_size(x),
-            )
+            y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=False)
+            self._kc_track_loss(x, loss)
             logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         self._kc_check_assigned(scope, groups)
         new = self._kc_collect(scope, groups, groups.keys())
@@ -335,13 +319,8 @@ class StepMixin:
                 with keras.StatelessScope(
                     state_mapping=list(zip(refs, values)), collect_losses=True
                 ):
-                    y_pred = self.forward_pass(x, training=True)
-                    loss = self._compute_loss(
-                        x=x,
-                        y=y,
-                        y_pred=y_pred,
-                        sample_weight=sample_weight,
-                        training=True,
+                    y_pred, loss = self._kc_forward_and_loss(
+                        x, y, sample_weight, training=True
                     )
                     scaled = self.optimizer.scale_loss(loss)
             return scaled, loss

@@ -19,7 +19,6 @@ import warnings
 
 import tensorflow as tf
 from keras.src import tree
-from keras.src.losses import loss as loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 from tensorflow.python.autograph.core import config as _autograph_config
 
@@ -94,24 +93,18 @@ def _already_reduced(optimizer):
             object.__setattr__(opt, "_kc_reduced", opt._kc_reduced - 1)
 
 
-def _batch_size(x):
-    return tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
-
-
 class StepMixin:
     """`train_step` and `test_step` for TensorFlow: only the tape is backend code."""
+
+    def _kc_batch_size(self, x):
+        # The batch dimension may be unknown while tracing: read it at run time.
+        return tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
 
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            y_pred = self.forward_pass(x, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss),
-                sample_weight=_batch_size(x),
-            )
+            y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=True)
+            self._kc_track_loss(x, loss)
             scaled = loss
             if self.optimizer is not None:
                 scaled = self.optimizer.scale_loss(loss)
@@ -132,9 +125,8 @@ class StepMixin:
         unscaled, with nothing logged (for hooks that need a second pass)."""
         with self._kc_muted():
             with tf.GradientTape() as tape:
-                y_pred = self.forward_pass(x, training=True)
-                loss = self._compute_loss(
-                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+                y_pred, loss = self._kc_forward_and_loss(
+                    x, y, sample_weight, training=True
                 )
                 scaled = self.optimizer.scale_loss(loss)
             grads = tape.gradient(scaled, variables)
@@ -233,12 +225,6 @@ class StepMixin:
 
     def test_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        y_pred = self.forward_pass(x, training=False)
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-        )
-        self._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=_batch_size(x),
-        )
+        y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=False)
+        self._kc_track_loss(x, loss)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

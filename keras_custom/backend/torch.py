@@ -15,9 +15,7 @@ import contextlib
 import warnings
 
 import torch
-from keras.src import tree
 from keras.src.backend.common import global_state
-from keras.src.losses import loss as loss_module
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 
@@ -40,10 +38,6 @@ def build_scope(model):
         global_state.set_global_attribute("torch_device", device)
 
 
-def _batch_size(x):
-    return next(i for i in tree.flatten(x) if i is not None).shape[0]
-
-
 def _grads(loss, variables):
     """d loss / d variables by a fresh backward pass (`None` where unused)."""
     return list(
@@ -56,14 +50,8 @@ class StepMixin:
 
     def train_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        y_pred = self.forward_pass(x, training=True)
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-        self._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=_batch_size(x),
-        )
+        y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=True)
+        self._kc_track_loss(x, loss)
         scaled = loss
         if self.optimizer is not None:
             scaled = self.optimizer.scale_loss(loss)
@@ -103,22 +91,13 @@ class StepMixin:
         """Gradients of the loss on a batch at the variables' current values,
         unscaled, with nothing logged (for hooks that need a second pass)."""
         with self._kc_muted(), torch.enable_grad():
-            y_pred = self.forward_pass(x, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
+            y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=True)
             scaled = self.optimizer.scale_loss(loss)
             grads = _grads(scaled, variables)
         return self._kc_unscale(grads, record=False), loss.detach()
 
     def test_step(self, data):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        y_pred = self.forward_pass(x, training=False)
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-        )
-        self._loss_tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=_batch_size(x),
-        )
+        y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=False)
+        self._kc_track_loss(x, loss)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
