@@ -44,6 +44,22 @@ def step(hook, name, value):
     return int(value)
 
 
+def optional_int(hook, name, value, minimum):
+    """`None` or an integer >= `minimum` (returned as `int`)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be None or an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
 def patterns(hook, name, value):
     """`None`, a regular expression, or a list of them -> tuple of strings."""
     if value is None:

@@ -1,10 +1,9 @@
 """Guards: hooks that protect training from bad steps."""
 
-import numbers
-
 import keras
 from keras import ops
 
+from keras_custom import _validation
 from keras_custom.hook import Hook
 
 # `SkipNonFinite.cause` codes: no cause recorded, the loss, or 1 + the index of
@@ -115,16 +114,9 @@ class SkipNonFinite(Hook):
 
     def __init__(self, max_consecutive=None, name="skipped_steps", **kwargs):
         super().__init__(name=name, **kwargs)
-        if max_consecutive is not None and (
-            isinstance(max_consecutive, bool)
-            or not isinstance(max_consecutive, numbers.Integral)
-            or max_consecutive < 1
-        ):
-            raise ValueError(
-                "SkipNonFinite: `max_consecutive` must be None or an integer >= 1. "
-                f"Received: max_consecutive={max_consecutive!r}"
-            )
-        self.max_consecutive = None if max_consecutive is None else int(max_consecutive)
+        self.max_consecutive = _validation.optional_int(
+            self, "max_consecutive", max_consecutive, 1
+        )
         self._paths = []
 
     def build(self, model):

@@ -5,6 +5,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_custom import _validation
 from keras_custom.hook import Hook
 from keras_custom.hook import Strength
 
@@ -106,14 +107,7 @@ class GradientNoise(Hook):
                 f"Received: gamma={gamma!r}"
             )
         self.gamma = float(gamma)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
-        ):
-            raise ValueError(
-                "GradientNoise: `seed` must be None or an integer >= 0. "
-                f"Received: seed={seed!r}"
-            )
-        self.seed = None if seed is None else int(seed)
+        self.seed = _validation.optional_int(self, "seed", seed, 0)
         self.seed_generator = None
 
     def build(self, model):

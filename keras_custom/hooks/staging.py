@@ -4,8 +4,6 @@ Every hook takes `start_step`/`stop_step` (see `keras_custom.Hook`); this module
 adds `Freeze`, which keeps chosen weights fixed for the first steps of training.
 """
 
-import numbers
-
 import keras
 from keras import ops
 
@@ -103,16 +101,7 @@ class Freeze(Hook):
                 f"(the variables to freeze). Received: include={include!r}"
             )
         self.include = _validation.patterns(self, "include", include)
-        if until_step is not None and (
-            isinstance(until_step, bool)
-            or not isinstance(until_step, numbers.Integral)
-            or until_step < 1
-        ):
-            raise ValueError(
-                "Freeze: `until_step` must be None or an integer >= 1. "
-                f"Received: until_step={until_step!r}"
-            )
-        self.until_step = None if until_step is None else int(until_step)
+        self.until_step = _validation.optional_int(self, "until_step", until_step, 1)
         self._frozen = []
         self._saved = None
 
