@@ -621,13 +621,27 @@ class HookedTrainer:
         """
         self._kc_log(self, name, value, reduction)
 
-    def _kc_update(self, loss, grads, variables):
+    @contextlib.contextmanager
+    def _kc_batch_scope(self, batch):
+        """This step's `(x, y, sample_weight)`, for `gradients_at_current_weights`."""
+        self._kc_set("_kc_batch", batch)
+        try:
+            yield
+        finally:
+            self._kc_set("_kc_batch", None)
+
+    def _kc_update(self, loss, grads, variables, batch=None):
         """Stages 4-6 for gradients of the (scaled) loss, as the tape gave them.
 
         The gradients and the loss are summed over replicas once, then unscaled;
         with gradient accumulation they are added to the accumulators, and the
         stages run on their mean every `gradient_accumulation_steps` calls.
+        `batch` is the step's data, which a second pass re-reads (`None` in a
+        hand-written loop).
         """
+        if batch is not None:
+            with self._kc_batch_scope(batch):
+                return self._kc_update(loss, grads, variables)
         self._kc_build_hooks()
         if not optimizer_is_built(self.optimizer):
             self.optimizer.build(variables)

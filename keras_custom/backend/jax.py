@@ -262,11 +262,9 @@ class StepMixin:
         with keras.StatelessScope(state_mapping=mapping) as scope:
             self._kc_track_loss(x, loss)
             if grads is not None:
-                self._kc_set("_kc_batch", (x, y, sample_weight))
-                try:
-                    self._kc_update(loss, list(grads), groups["trainable"])
-                finally:
-                    self._kc_set("_kc_batch", None)
+                self._kc_update(
+                    loss, list(grads), groups["trainable"], batch=(x, y, sample_weight)
+                )
             logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         self._kc_check_assigned(scope, groups)
         new = self._kc_collect(scope, groups, groups.keys())

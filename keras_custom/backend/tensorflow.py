@@ -111,11 +111,7 @@ class StepMixin:
         variables = self.trainable_variables
         if variables:
             grads = tape.gradient(scaled, variables)
-            self._kc_set("_kc_batch", (x, y, sample_weight))
-            try:
-                self._kc_update(loss, grads, variables)
-            finally:
-                self._kc_set("_kc_batch", None)
+            self._kc_update(loss, grads, variables, batch=(x, y, sample_weight))
         else:
             warnings.warn("The model does not have any trainable weights.")
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -177,11 +173,8 @@ class StepMixin:
 
         def in_replica(fn):
             def run(batch, *args):
-                model._kc_set("_kc_batch", batch)
-                try:
+                with model._kc_batch_scope(batch):
                     fn(*args)
-                finally:
-                    model._kc_set("_kc_batch", None)
 
             return run
 

@@ -60,11 +60,7 @@ class StepMixin:
             grads = _grads(scaled, variables)
             loss = loss.detach()
             with torch.no_grad():
-                self._kc_set("_kc_batch", (x, y, sample_weight))
-                try:
-                    self._kc_update(loss, grads, variables)
-                finally:
-                    self._kc_set("_kc_batch", None)
+                self._kc_update(loss, grads, variables, batch=(x, y, sample_weight))
         else:
             warnings.warn("The model does not have any trainable weights.")
         with torch.no_grad():
