@@ -113,6 +113,17 @@ def _hand_written_class(keras, hook_set="core"):
     def ratio_of(old, new):
         return ops.divide_no_nan(norm_of([n - o for o, n in zip(old, new)]), norm_of(old))
 
+    def logged(loss, penalty, raw, norm, old, new, learning_rate):
+        """The values the hand-written step logs; `learning_rate` is a callable,
+        read only with the logging hooks on."""
+        values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
+        if logging:
+            values["grad_norm_raw"] = raw
+            values["weight_norm"] = norm_of(new)
+            values["learning_rate"] = learning_rate()
+            values["update_ratio"] = ratio_of(old, new)
+        return values
+
     class HandWritten(keras.Sequential):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -141,16 +152,18 @@ def _hand_written_class(keras, hook_set="core"):
                     loss = self.compute_loss(y=y, y_pred=y_pred) + penalty
                 grads = tape.gradient(loss, variables)
                 grads, raw, norm = clip(grads)
-                values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
-                if logging:
-                    old = [tf.identity(v.value) for v in variables]
+                old = [tf.identity(v.value) for v in variables] if logging else None
                 self.optimizer.apply(grads, variables)
-                if logging:
-                    new = [v.value for v in variables]
-                    values["grad_norm_raw"] = raw
-                    values["weight_norm"] = norm_of(new)
-                    values["learning_rate"] = self.optimizer.learning_rate
-                    values["update_ratio"] = ratio_of(old, new)
+                new = [v.value for v in variables] if logging else None
+                values = logged(
+                    loss,
+                    penalty,
+                    raw,
+                    norm,
+                    old,
+                    new,
+                    lambda: self.optimizer.learning_rate,
+                )
                 for metric in self.metrics:
                     metric.update_state(values[metric.name])
                 return {m.name: m.result() for m in self.metrics}
@@ -171,16 +184,18 @@ def _hand_written_class(keras, hook_set="core"):
                 grads = [v.value.grad for v in weights]
                 with torch.no_grad():
                     grads, raw, norm = clip(grads)
-                    values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
-                    if logging:
-                        old = [v.value.clone() for v in weights]
+                    old = [v.value.clone() for v in weights] if logging else None
                     self.optimizer.apply(grads, weights)
-                    if logging:
-                        new = [v.value for v in weights]
-                        values["grad_norm_raw"] = raw
-                        values["weight_norm"] = norm_of(new)
-                        values["learning_rate"] = self.optimizer.learning_rate
-                        values["update_ratio"] = ratio_of(old, new)
+                    new = [v.value for v in weights] if logging else None
+                    values = logged(
+                        loss,
+                        penalty,
+                        raw,
+                        norm,
+                        old,
+                        new,
+                        lambda: self.optimizer.learning_rate,
+                    )
                     for metric in self.metrics:
                         metric.update_state(values[metric.name])
                 return {m.name: m.result() for m in self.metrics}
@@ -209,18 +224,17 @@ def _hand_written_class(keras, hook_set="core"):
                 trainable, optimizer_vars = self.optimizer.stateless_apply(
                     optimizer_vars, grads, trainable
                 )
-                values = {"loss": loss, "weight_penalty": penalty, "grad_norm": norm}
-                if logging:
+
+                def learning_rate():
                     # The learning rate is one of the optimizer's variables: read its
                     # value from the state, as the step must (not a traced constant).
                     lr = self.optimizer.learning_rate
-                    index = next(
-                        i for i, v in enumerate(self.optimizer.variables) if v is lr
-                    )
-                    values["grad_norm_raw"] = raw
-                    values["weight_norm"] = norm_of(trainable)
-                    values["learning_rate"] = optimizer_vars[index]
-                    values["update_ratio"] = ratio_of(old, trainable)
+                    variables = self.optimizer.variables
+                    return optimizer_vars[
+                        next(i for i, v in enumerate(variables) if v is lr)
+                    ]
+
+                values = logged(loss, penalty, raw, norm, old, trainable, learning_rate)
                 logs, new_metrics_vars, start = {}, [], 0
                 for metric in self.metrics:
                     end = start + len(metric.variables)
