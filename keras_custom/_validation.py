@@ -5,8 +5,14 @@ import numbers
 import re
 
 import keras
+import numpy as np
 
 _SCHEDULE = keras.optimizers.schedules.LearningRateSchedule
+
+INT64_MAX = int(np.iinfo(np.int64).max)
+INT32_MAX = int(np.iinfo(np.int32).max)
+UINT32_MAX = int(np.iinfo(np.uint32).max)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _owner(hook):
@@ -31,21 +37,32 @@ def strength(hook, name, value, minimum=0.0, inclusive=False):
             f"{_owner(hook)}: `{name}` must be a finite float {bound} {minimum:g}. "
             f"Received: {name}={value!r}"
         )
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must fit in float32 (at most {FLOAT32_MAX:.6g}): "
+            f"the step computes in float32, where it would be inf. "
+            f"Received: {name}={value!r}"
+        )
     return value
 
 
 def step(hook, name, value):
-    """A non-negative integer step."""
+    """A non-negative integer step that an int64 step counter can reach."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(
             f"{_owner(hook)}: `{name}` must be an integer >= 0. "
             f"Received: {name}={value!r}"
         )
+    if value > INT64_MAX:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be at most {INT64_MAX} (2**63 - 1), the "
+            f"largest step an int64 counter reaches. Received: {name}={value!r}"
+        )
     return int(value)
 
 
-def optional_int(hook, name, value, minimum):
-    """`None` or an integer >= `minimum` (returned as `int`)."""
+def optional_int(hook, name, value, minimum, maximum=INT64_MAX):
+    """`None` or an integer from `minimum` to `maximum` (returned as `int`)."""
     if value is None:
         return None
     if (
@@ -57,7 +74,22 @@ def optional_int(hook, name, value, minimum):
             f"{_owner(hook)}: `{name}` must be None or an integer >= {minimum}. "
             f"Received: {name}={value!r}"
         )
+    if value > maximum:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be at most {maximum}. "
+            f"Received: {name}={value!r}"
+        )
     return int(value)
+
+
+def name(hook, value):
+    """A hook's `name`: a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise TypeError(
+            f"{_owner(hook)}: `name` must be a non-empty string. "
+            f"Received: name={value!r} of type {type(value).__name__}"
+        )
+    return value
 
 
 def patterns(hook, name, value):

@@ -5,10 +5,14 @@ only the stages it needs; every stage is a no-op by default, and a stage a hook 
 not override costs nothing (the model never calls it).
 """
 
-import keras
-from keras import ops
-from keras.src.saving.keras_saveable import KerasSaveable
+import re
+import weakref
 
+import keras
+import numpy as np
+from keras import ops
+
+from keras_custom import _keras
 from keras_custom import _validation
 
 _SCHEDULE = keras.optimizers.schedules.LearningRateSchedule
@@ -23,8 +27,9 @@ class Strength:
 
     With `zero_drops` set, a strength that is the float `0.0` when the hook is
     built is structurally zero: the hook leaves the term it weighs out of the
-    compiled step (`Hook.is_zero(name)`), so it costs nothing. The step then cannot
-    see a later change, and setting a non-zero value after the build is an error.
+    compiled step (`Hook.is_zero(name)`), so it costs nothing. Setting a non-zero
+    value later (from a callback, say) makes the model trace its step again, once,
+    with the term.
 
     Args:
         minimum: the smallest value allowed.
@@ -49,32 +54,32 @@ class Strength:
         return hook._strengths[self.name]
 
     def __set__(self, hook, value):
+        # Every check comes before any change: a refused value leaves the hook,
+        # its config and its saved state as they were.
         value = _validation.strength(hook, self.name, value, self.minimum, self.inclusive)
-        if self.name in hook._zero_strengths and (
-            isinstance(value, _SCHEDULE) or float(value) != 0.0
-        ):
-            cls = type(hook).__name__
-            raise ValueError(
-                f"{cls}: `{self.name}` was 0 when the hook was built, so the compiled "
-                f"step has no {self.zero_drops}; recompile with a non-zero "
-                f"`{self.name}` in a new {cls} (a float or a schedule). "
-                f"Received: {self.name}={value!r}"
-            )
-        hook._strengths[self.name] = value
         variable = hook._strength_variables.get(self.name)
+        if variable is not None and isinstance(value, _SCHEDULE):
+            raise ValueError(
+                f"{type(hook).__name__}: `{self.name}` cannot change from a float "
+                "to a schedule after the hook is built (the compiled step reads "
+                f"a variable). Recompile with the schedule. Received: "
+                f"{self.name}={value!r}"
+            )
+        raised = self.name in hook._zero_strengths and float(value) != 0.0
+        hook._strengths[self.name] = value
         if variable is not None:
-            if isinstance(value, _SCHEDULE):
-                raise ValueError(
-                    f"{type(hook).__name__}: `{self.name}` cannot change from a float "
-                    "to a schedule after the hook is built (the compiled step reads "
-                    f"a variable). Recompile with the schedule. Received: "
-                    f"{self.name}={value!r}"
-                )
             variable.assign(float(value))
+        if raised:
+            # The term was left out of the compiled step while it was 0: the
+            # model traces its step again, once, with the term.
+            hook._zero_strengths.discard(self.name)
+            owner = hook._owner()
+            if owner is not None:
+                owner._kc_retrace()
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
-class Hook(KerasSaveable):
+class Hook(_keras.KerasSaveable):
     """Base class for the hooks of `keras_custom.Model.compile(hooks=[...])`.
 
     Subclass it and override only the stages you need. In a train step the stages
@@ -126,8 +131,10 @@ class Hook(KerasSaveable):
         self._strength_variables = {}
         self._zero_strengths = set()
         self._variables = []
+        self._kept_on_skip = set()
+        self._declared = {}
         self._pending_state = None
-        self._context = None
+        self._owner_ref = None
         self.built = False
         self.start_step = _validation.step(self, "start_step", start_step)
         self.stop_step = (
@@ -138,7 +145,9 @@ class Hook(KerasSaveable):
                 f"{type(self).__name__}: `stop_step` must be greater than `start_step`. "
                 f"Received: start_step={start_step}, stop_step={stop_step}"
             )
-        self.name = name or keras.src.utils.naming.to_snake_case(type(self).__name__)
+        if name is None:
+            name = _snake_case(type(self).__name__)
+        self.name = _validation.name(self, name)
 
     # ------------------------------------------------------------------ stages
     def build(self, model):
@@ -184,6 +193,21 @@ class Hook(KerasSaveable):
         """
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def step_state(self):
+        """The `StepState` of the step running now: the model, the batch, the loss,
+        the step, whether the loss scale overflowed... (see
+        `keras_custom.StepState`). Raises outside a step of the hook's model."""
+        from keras_custom.step.state import StepState
+
+        state = StepState.current()
+        if state is None or self._owner() is not state.model:
+            raise RuntimeError(
+                f"{type(self).__name__}: `step_state` is only available while a step "
+                "of the hook's model runs (from a stage such as `process_gradients`)."
+            )
+        return state
+
     def log(self, name, value, reduction="mean"):
         """Reports a scalar under `name`.
 
@@ -191,37 +215,66 @@ class Hook(KerasSaveable):
         epoch value is the mean over the epoch's steps (`reduction="mean"`) or their
         sum (`reduction="sum"`, for counts). Call it from any stage; a hook outside
         its `start_step`/`stop_step` window logs nothing that counts.
+
+        The names a hook logs are found before the first step, on every backend:
+        nothing needs declaring. A name may not be `loss`, start with `val_`, be
+        the name of a compiled metric, or be logged by another hook (`ValueError`).
         """
-        if self._context is None:
+        from keras_custom.step.state import StepState
+
+        state = StepState.current()
+        if state is None or self._owner() is not state.model:
             raise RuntimeError(
-                f"{type(self).__name__}: `log({name!r}, ...)` was called before the "
-                "hook was attached to a model. Pass the hook to "
-                "`model.compile(hooks=[...])`."
+                f"{type(self).__name__}: `log({name!r}, ...)` can only be called "
+                "during a step of the hook's model. Pass the hook to "
+                "`model.compile(hooks=[...])` and log from one of its stages."
             )
-        self._context.log(self, name, value, reduction)
+        state.model._kc_log(state, self, name, value, reduction)
 
     def skip_update(self, condition):
         """Asks the model to skip this step's update where `condition` is true.
 
         Call it from `process_gradients`. A skipped step changes nothing: weights,
-        optimizer slots and `optimizer.iterations` stay bit-identical.
+        optimizer slots and `optimizer.iterations` stay bit-identical, and so do
+        the model's non-trainable variables (BatchNormalization's statistics, as
+        they were before the forward pass) and every hook's state (except
+        variables made with `add_variable(..., rolls_back=False)`).
         """
-        self._context.skip_update(self, condition)
+        state = self.step_state
+        if not state.in_gradient_stages:
+            raise RuntimeError(
+                f"{type(self).__name__}: `skip_update` can only be called during a "
+                "train step (from `process_gradients`)."
+            )
+        condition = ops.convert_to_tensor(condition)
+        if state.active is not None:
+            condition = ops.logical_and(condition, state.active)
+        state.model._kc.may_skip = True
+        state.request_skip(condition)
 
     def declare_log(self, name, reduction="mean"):
-        """Creates the tracker of `name` now (call it from `build`).
+        """Declares a name this hook logs (optional: `log` finds names itself).
 
-        Optional: `log` creates a tracker the first time it sees a name. Declaring
-        in `build` keeps variable creation out of the compiled step, which the JAX
-        backend requires and which saves TensorFlow a trace of the test step.
+        Call it from `__init__` or `build`. Declared names are checked when the
+        hook is compiled (a name that is taken is an error at `compile`), and with
+        `reduction="sum"` the name is a count from the start.
         """
-        self._context.log(self, name, None, reduction)
+        from keras_custom.step.logs import check_name
+        from keras_custom.step.logs import check_reduction
 
-    def add_variable(self, shape=(), initializer="zeros", dtype="float32", name=None):
+        check_name(type(self).__name__, name)
+        check_reduction(type(self).__name__, reduction)
+        self._declared[name] = reduction
+
+    def add_variable(
+        self, shape=(), initializer="zeros", dtype="float32", name=None, rolls_back=True
+    ):
         """Creates a non-trainable Keras variable holding part of the hook's state.
 
         Variables are saved in `.keras` files and restored with the model. Call
-        it from `build`.
+        it from `build`. A step whose update is skipped restores the variable to
+        its value before the step, unless `rolls_back=False` (for state that must
+        count skipped steps, such as a guard's counter).
         """
         variable = keras.Variable(
             initializer=initializer,
@@ -231,6 +284,8 @@ class Hook(KerasSaveable):
             name=name or f"{self.name}_{len(self._variables)}",
         )
         self._variables.append(variable)
+        if not rolls_back:
+            self._kept_on_skip.add(id(variable))
         return variable
 
     @property
@@ -241,10 +296,7 @@ class Hook(KerasSaveable):
     def is_active(self, step):
         """A boolean tensor: whether the hook is active at `step`."""
         step = ops.convert_to_tensor(step)
-        active = ops.greater_equal(step, self.start_step)
-        if self.stop_step is not None:
-            active = ops.logical_and(active, ops.less(step, self.stop_step))
-        return active
+        return step_in_window(step, self.start_step, self.stop_step)
 
     @property
     def has_window(self):
@@ -264,12 +316,19 @@ class Hook(KerasSaveable):
         value = self._strengths[name]
         if isinstance(value, _SCHEDULE):
             if step is None:
-                step = self._context.model.current_step()
+                step = self.step_state.model.current_step()
             return ops.cast(value(step), "float32")
         variable = self._strength_variables.get(name)
         if variable is None:
             return ops.convert_to_tensor(float(value), "float32")
         return ops.convert_to_tensor(variable)
+
+    def _owner(self):
+        """The model the hook is attached to, or `None`."""
+        return None if self._owner_ref is None else self._owner_ref()
+
+    def _set_owner(self, model):
+        self._owner_ref = None if model is None else weakref.ref(model)
 
     def _build(self, model):
         """Called by the model: creates strength variables, then `build`."""
@@ -319,8 +378,8 @@ class Hook(KerasSaveable):
 
     def _obj_type(self):
         # Keras's saving walks an object's attributes, skipping those of a
-        # reference object of a known kind; a hook is closest to a `Loss`.
-        return "Loss"
+        # reference object of a known kind (see `_keras.SAVEABLE_TYPE`).
+        return _keras.SAVEABLE_TYPE
 
     def save_own_variables(self, store):
         for i, variable in enumerate(self._variables):
@@ -334,14 +393,72 @@ class Hook(KerasSaveable):
             self._pending_state = values
 
     def _restore(self, values):
+        """Loads saved state, checked first with the constructor's rules: a file
+        whose values break them, or disagree with the hook's configuration, is
+        refused and the hook is left as it was."""
+        label = f"{type(self).__name__}(name={self.name!r})"
         if len(values) != len(self._variables):
             raise ValueError(
-                f"{type(self).__name__}: the saved state has {len(values)} variables, "
-                f"the hook has {len(self._variables)}."
+                f"{label}: the saved state has {len(values)} variables, the hook has "
+                f"{len(self._variables)} (a file written for another configuration)."
             )
+        values = [np.asarray(v) for v in values]
+        for variable, value in zip(self._variables, values):
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"{label}: the saved value of {variable.name!r} has shape "
+                    f"{tuple(value.shape)}, the hook's variable {tuple(variable.shape)}."
+                )
+        position = {id(v): i for i, v in enumerate(self._variables)}
+        for name, variable in self._strength_variables.items():
+            saved = values[position[id(variable)]].item()
+            rule = getattr(type(self), name, None)
+            if isinstance(rule, Strength):
+                try:
+                    _validation.strength(self, name, saved, rule.minimum, rule.inclusive)
+                except ValueError as e:
+                    raise ValueError(f"The file's saved state is refused. {e}") from None
+            configured = float(np.float32(self._strengths[name]))
+            if saved != configured:
+                raise ValueError(
+                    f"{label}: the file's saved state says {name}={saved!r}, its "
+                    f"configuration says {name}={configured!r}; a file whose "
+                    "configuration and state disagree is refused."
+                )
+        self.check_state(values)
         for variable, value in zip(self._variables, values):
             variable.assign(value)
+
+    def check_state(self, values):
+        """Checks state read from a file before it is loaded (raise `ValueError`).
+
+        `values` are NumPy arrays in the order of `self.variables`. Strengths are
+        checked already (with the constructor's rules, and against the
+        configuration); override this for other state with rules of its own.
+        """
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def _snake_case(name):
+    """`"ClipByGlobalNorm"` -> `"clip_by_global_norm"` (as Keras names layers)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def step_in_window(step, start, stop=None):
+    """A boolean tensor: `start <= step < stop` (`stop=None`: no end).
+
+    `start` and `stop` may exceed what `step`'s dtype holds (int32 on JAX): a
+    bound it cannot reach is never crossed.
+    """
+    limit = int(np.iinfo(keras.backend.standardize_dtype(step.dtype)).max)
+    if start > limit:
+        return ops.zeros_like(step, dtype="bool")
+    active = ops.greater_equal(step, start) if start > 0 else ops.ones_like(step, "bool")
+    if stop is not None and stop <= limit:
+        active = ops.logical_and(active, ops.less(step, stop))
+    return active

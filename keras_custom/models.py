@@ -1,18 +1,23 @@
-"""`Model` and `Sequential`: drop-in replacements for the Keras classes."""
+"""`Model` and `Sequential`: drop-in replacements for the Keras classes.
+
+Each is the Keras class with the backend's `Trainer` (`keras_custom/backend/`)
+mixed in before it. Their `.keras` files name the Keras class (`Sequential`,
+`Functional`) and load as plain Keras models where keras_custom is not installed;
+where it is imported they load as ours, with their hooks.
+"""
 
 import keras
-from keras.src.models import functional as keras_functional
-from keras.src.models.model import Trainer as _BackendTrainer
-from keras.src.models.model import functional_init_arguments
 
-from keras_custom.backend import StepMixin
-from keras_custom.trainer import HookedTrainer
+from keras_custom import _keras
+from keras_custom.backend import Trainer
 
-_KerasFunctional = keras_functional.Functional
+# The real Keras classes, kept at import: a user may rebind `keras.Model =
+# keras_custom.Model` to adopt ours everywhere, and ours must still reach Keras's.
+_KerasModel = keras.Model
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
-class Model(StepMixin, HookedTrainer, keras.Model):
+class Model(Trainer, keras.Model):
     """A `keras.Model` whose train and test steps run hooks.
 
     Use it as `keras.Model`: functional (`Model(inputs, outputs)`) or subclassed
@@ -31,28 +36,31 @@ class Model(StepMixin, HookedTrainer, keras.Model):
     """
 
     def __new__(cls, *args, **kwargs):
-        if cls is Model and functional_init_arguments(args, kwargs):
-            return keras.Model.__new__(Functional)
-        return keras.Model.__new__(cls)
+        if cls is Model and _keras.functional_init_arguments(args, kwargs):
+            return _KerasModel.__new__(Functional)
+        return _KerasModel.__new__(cls)
 
     def __init__(self, *args, **kwargs):
-        if functional_init_arguments(args, kwargs):
-            if not isinstance(self, _KerasFunctional):
+        if _keras.functional_init_arguments(args, kwargs):
+            if not isinstance(self, _keras.Functional):
                 _inject_functional(type(self))
-            _BackendTrainer.__init__(self)
-            _KerasFunctional.__init__(self, *args, **kwargs)
+            _keras.KerasBackendTrainer.__init__(self)
+            _keras.Functional.__init__(self, *args, **kwargs)
         else:
-            keras.Model.__init__(self, *args, **kwargs)
+            _KerasModel.__init__(self, *args, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
-class Functional(Model, _KerasFunctional):
+class Functional(Model, _keras.Functional):
     """What `keras_custom.Model(inputs, outputs)` builds: a Keras functional model
     with the hooked step. You do not create it directly."""
 
+    _kc_own_class = "keras_custom>Functional"
+    _kc_saved_class = _keras.Functional
+
 
 @keras.saving.register_keras_serializable(package="keras_custom")
-class Sequential(StepMixin, HookedTrainer, keras.Sequential):
+class Sequential(Trainer, keras.Sequential):
     """A `keras.Sequential` whose train and test steps run hooks.
 
     Example:
@@ -64,6 +72,9 @@ class Sequential(StepMixin, HookedTrainer, keras.Sequential):
     >>> model.hooks[0].get_config()["l2"]
     0.0001
     """
+
+    _kc_own_class = "keras_custom>Sequential"
+    _kc_saved_class = keras.Sequential
 
 
 def _inject_functional(cls):

@@ -11,7 +11,6 @@ backends agree with each other too.
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
 from conftest import only_backends
 from keras import ops
 
@@ -185,15 +184,15 @@ class LogsUndeclared(kc.Hook):
 
 
 def test_undeclared_log_name():
+    """A hook logs a name it never declared: it works the same on every backend
+    (on JAX the first step is traced once more, with the new tracker)."""
     x, y, weights = setup()
     model = hooked_model(weights, "sgd")
     model.compile("sgd", "mse", hooks=[LogsUndeclared()])
-    if BACKEND == "jax":  # the jitted step cannot create a tracker's variables
-        with pytest.raises(RuntimeError, match=r"self\.declare_log\('surprise'\)"):
-            model.fit(x, y, batch_size=BATCH, verbose=0)
-    else:
-        history = model.fit(x, y, batch_size=BATCH, verbose=0)
-        assert history.history["surprise"] == [1.0]
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0)
+    assert history.history["surprise"] == [1.0, 1.0]
+    again = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    assert again.history["surprise"] == [1.0]
 
 
 @only_backends("torch")

@@ -38,8 +38,36 @@ from keras_custom import hooks
             "WeightPenalty: `l2` must be a finite float >= 0. Received: l2=-0.0001",
         ),
         (
-            lambda: hooks.WeightPenalty(),
-            "WeightPenalty: at least one of `l1` and `l2` must be non-zero. Received: l1=0.0, l2=0.0",
+            lambda: hooks.WeightPenalty(l2=1e39),
+            "WeightPenalty: `l2` must fit in float32 (at most 3.40282e+38)",
+        ),
+        (
+            lambda: hooks.GradientNoise(eta=1e39),
+            "GradientNoise: `eta` must fit in float32",
+        ),
+        (
+            lambda: hooks.SharpnessAware(1e39),
+            "SharpnessAware: `rho` must fit in float32",
+        ),
+        (
+            lambda: hooks.LogGradNorm(start_step=2**64),
+            "LogGradNorm: `start_step` must be at most 9223372036854775807",
+        ),
+        (
+            lambda: hooks.ClipByValue(1.0, stop_step=2**64),
+            "ClipByValue: `stop_step` must be at most 9223372036854775807",
+        ),
+        (
+            lambda: hooks.Freeze("x", until_step=2**64),
+            "Freeze: `until_step` must be at most 9223372036854775807",
+        ),
+        (
+            lambda: hooks.SkipNonFinite(max_consecutive=2**64),
+            "SkipNonFinite: `max_consecutive` must be at most 2147483647",
+        ),
+        (
+            lambda: hooks.GradientNoise(seed=2**64),
+            "GradientNoise: `seed` must be at most 4294967295",
         ),
         (
             lambda: hooks.WeightPenalty(l2=1.0, include="["),
@@ -62,6 +90,58 @@ from keras_custom import hooks
 def test_bad_arguments(make, message):
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, shown",
+    [
+        (lambda: hooks.LogGradNorm(name=3), "name=3 of type int"),
+        (lambda: hooks.LogLearningRate(name=["lr"]), "name=['lr'] of type list"),
+        (lambda: hooks.ClipByValue(1.0, name=5), "name=5 of type int"),
+        (lambda: hooks.LogUpdateRatio(name=""), "name=''"),
+    ],
+)
+def test_a_bad_name_is_refused_at_construction(make, shown):
+    with pytest.raises(TypeError, match=re.escape(f"`name` must be a non-empty string. Received: {shown}")):
+        make()
+
+
+def test_a_zero_penalty_is_a_valid_no_op(data):
+    x, y = data
+    model = mlp()
+    model.compile("sgd", "mse", hooks=[hooks.WeightPenalty()])
+    history = model.fit(x, y, epochs=1, verbose=0).history
+    assert history["weight_penalty"] == [0.0]
+
+
+def test_raising_a_zero_strength_from_a_callback_takes_effect(data):
+    """`l2` starts at 0 (left out of the compiled step); a callback raises it at
+    the second epoch: the step is traced again, with the term."""
+    x, y = data
+    penalty = hooks.WeightPenalty(l2=0.0)
+
+    class Raise(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                penalty.l2 = 0.5
+
+    model = mlp()
+    model.compile("sgd", "mse", hooks=[penalty])
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[Raise()]).history
+    assert history["weight_penalty"][0] == 0.0
+    assert history["weight_penalty"][1] > 0.0
+    kernels = [model.get_layer(n).kernel for n in ("hidden", "out")]
+    expected = 0.5 * sum(float(np.sum(np.square(keras.ops.convert_to_numpy(k)))) for k in kernels)
+    evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
+    np.testing.assert_allclose(float(evaluated["weight_penalty"]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("unordered", [set, frozenset, lambda hs: {h.name: h for h in hs}])
+def test_unordered_hooks_are_refused(unordered):
+    model = mlp()
+    with pytest.raises(TypeError, match="hooks run in list order"):
+        model.compile("sgd", "mse", hooks=unordered([hooks.LogGradNorm()]))
+    assert model.hooks == []
 
 
 def test_wrong_type_of_strength():
@@ -166,14 +246,21 @@ def test_a_hook_belongs_to_one_model():
     hook = hooks.LogGradNorm()
     first = mlp()  # kept alive: a hook holds its model weakly
     first.compile("sgd", "mse", hooks=[hook])
-    with pytest.raises(ValueError, match="LogGradNorm is already attached to the model"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("`hooks[0]` (LogGradNorm(name='grad_norm')) is already attached"),
+    ):
         mlp().compile("sgd", "mse", hooks=[hook])
 
 
 def test_the_same_hook_twice():
     hook = hooks.LogGradNorm()
     with pytest.raises(
-        ValueError, match=re.escape("compile: `hooks[1]` (LogGradNorm) appears twice")
+        ValueError,
+        match=re.escape(
+            "compile: `hooks[1]` (LogGradNorm(name='grad_norm')) is the same object "
+            "as `hooks[0]`"
+        ),
     ):
         mlp().compile("sgd", "mse", hooks=[hook, hook])
 

@@ -105,7 +105,7 @@ class _RecordOverflow(kc.Hook):
         self.declare_log("overflows", reduction="sum")
 
     def process_gradients(self, grads, variables, step):
-        overflow = self._context.model.loss_scale_overflow()
+        overflow = self.step_state.model.loss_scale_overflow()
         assert overflow is not None
         self.log("overflows", keras.ops.cast(overflow, "float32"), reduction="sum")
         return grads
@@ -139,7 +139,7 @@ def test_no_loss_scale_no_overflow_flag(data):
 
     class Probe(kc.Hook):
         def process_gradients(self, grads, variables, step):
-            seen.append(self._context.model.loss_scale_overflow())
+            seen.append(self.step_state.model.loss_scale_overflow())
             return grads
 
     model = mlp(kc.Model)

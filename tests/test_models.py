@@ -111,7 +111,11 @@ def test_hooks_property_and_recompile(data):
     model.compile("sgd", "mse", hooks=[hooks.LogGradNorm()])
     h2 = model.fit(x, y, epochs=1, verbose=0).history
     assert "grad_norm" in h2 and "weight_penalty" not in h2
-    model.compile("sgd", "mse")
+    grad_norm = model.hooks[0]
+    model.compile("adam", "mse")  # no `hooks=`: the model keeps its hooks
+    assert model.hooks == [grad_norm]
+    assert set(model.fit(x, y, epochs=1, verbose=0).history) == {"loss", "grad_norm"}
+    model.compile("sgd", "mse", hooks=[])
     assert model.hooks == []
     assert set(model.fit(x, y, epochs=1, verbose=0).history) == {"loss"}
 

@@ -1,8 +1,9 @@
-"""The backend-specific part of the step: one module per Keras backend.
+"""The backend-specific part of the step: one trainer class per Keras backend.
 
-`StepMixin` is the train/test step of the backend Keras runs on; `build_scope` is
-where hook state and trackers are created (outside any compiled function, under the
-distribution strategy's scope on TensorFlow).
+Each `backend/<name>.py` defines a class that inherits the shared
+`keras_custom.step.trainer.Trainer` and overrides only what differs on that
+backend. `Trainer` below is the one of the backend Keras runs on; only its module
+is imported (a JAX or PyTorch user needs no TensorFlow).
 """
 
 import keras
@@ -10,16 +11,15 @@ import keras
 _BACKEND = keras.backend.backend()
 
 if _BACKEND == "tensorflow":
-    from keras_custom.backend.tensorflow import StepMixin as StepMixin
-    from keras_custom.backend.tensorflow import build_scope as build_scope
+    from keras_custom.backend.tensorflow import TensorFlowTrainer as Trainer
 elif _BACKEND == "jax":
-    from keras_custom.backend.jax import StepMixin as StepMixin
-    from keras_custom.backend.jax import build_scope as build_scope
+    from keras_custom.backend.jax import JAXTrainer as Trainer
 elif _BACKEND == "torch":
-    from keras_custom.backend.torch import StepMixin as StepMixin
-    from keras_custom.backend.torch import build_scope as build_scope
+    from keras_custom.backend.torch import TorchTrainer as Trainer
 else:
     raise ImportError(
-        f"keras_custom supports the tensorflow, jax and torch backends. "
+        "keras_custom supports the tensorflow, jax and torch backends. "
         f"Received: KERAS_BACKEND={_BACKEND!r}"
     )
+
+__all__ = ["Trainer"]

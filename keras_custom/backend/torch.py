@@ -7,64 +7,40 @@ gradients cannot accumulate across steps (or across the two passes of
 `SharpnessAware`) by accident. The stages after the backward pass run under
 `torch.no_grad()`, as Keras runs the optimizer.
 
-Keras variables on this backend are updated in place: a hook that keeps a value
-for later must copy it (`keras.ops.copy`), as `_kc_step` does for the step.
+Keras variables on this backend are updated in place: a value kept for later must
+be copied (`_kc_step`, `_kc_snapshot` do).
 """
 
-import contextlib
-import warnings
-
 import torch
-from keras.src.backend.common import global_state
-from keras.src.trainers.data_adapters import data_adapter_utils
+
+from keras_custom.step.trainer import Trainer
 
 
-@contextlib.contextmanager
-def build_scope(model):
-    """Creates state on the real device, outside any stateless scope.
+class TorchTrainer(Trainer):
+    """The shared step, with autograd for the gradients."""
 
-    Hooks are built before the first step, sometimes from inside Keras's symbolic
-    build, which runs on the `"meta"` device under a `StatelessScope`: their
-    variables must still hold real tensors.
-    """
-    scope = global_state.get_global_attribute("stateless_scope")
-    device = global_state.get_global_attribute("torch_device", None)
-    global_state.set_global_attribute("stateless_scope", None)
-    global_state.set_global_attribute("torch_device", None)
-    try:
-        yield
-    finally:
-        global_state.set_global_attribute("stateless_scope", scope)
-        global_state.set_global_attribute("torch_device", device)
+    def _kc_loss_and_grads(self, x, y, sample_weight, variables):
+        with torch.enable_grad():
+            y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, True)
+            scaled = loss
+            if self.optimizer is not None:
+                scaled = self.optimizer.scale_loss(loss)
+            grads = []
+            if variables:
+                grads = list(
+                    torch.autograd.grad(
+                        scaled, [v.value for v in variables], allow_unused=True
+                    )
+                )
+        return y_pred, loss.detach(), grads
 
-
-def _grads(loss, variables):
-    """d loss / d variables by a fresh backward pass (`None` where unused)."""
-    return list(
-        torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
-    )
-
-
-class StepMixin:
-    """`train_step` and `test_step` for PyTorch: only autograd is backend code."""
-
-    def train_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=True)
-        self._kc_track_loss(x, loss)
-        scaled = loss
-        if self.optimizer is not None:
-            scaled = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        if variables:
-            grads = _grads(scaled, variables)
-            loss = loss.detach()
-            with torch.no_grad():
-                self._kc_update(loss, grads, variables, batch=(x, y, sample_weight))
-        else:
-            warnings.warn("The model does not have any trainable weights.")
+    def _kc_update(self, state, loss, grads, variables):
         with torch.no_grad():
-            return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            return super()._kc_update(state, loss, grads, variables)
+
+    def _kc_metrics(self, x, y, y_pred, sample_weight):
+        with torch.no_grad():
+            return super()._kc_metrics(x, y, y_pred, sample_weight)
 
     def _kc_step(self):
         # The generic `ops.copy(iterations)` goes through Keras's
@@ -76,24 +52,12 @@ class StepMixin:
             return super()._kc_step()
         return optimizer.iterations.value.clone()
 
-    def _kc_log(self, hook, name, value, reduction):
+    def _kc_snapshot(self, variables):
+        return [(v, v.value.clone()) for v in variables]
+
+    def _kc_detach(self, value):
         # A logged value never needs a gradient: updating a tracker with a value
         # that requires one (a loss term) would record autograd work for nothing.
         if isinstance(value, torch.Tensor) and value.requires_grad:
-            value = value.detach()
-        super()._kc_log(hook, name, value, reduction)
-
-    def _kc_gradients(self, x, y, sample_weight, variables):
-        """Gradients of the loss on a batch at the variables' current values,
-        unscaled, with nothing logged (for hooks that need a second pass)."""
-        with self._kc_muted(), torch.enable_grad():
-            y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=True)
-            scaled = self.optimizer.scale_loss(loss)
-            grads = _grads(scaled, variables)
-        return self._kc_unscale(grads, record=False), loss.detach()
-
-    def test_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, training=False)
-        self._kc_track_loss(x, loss)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            return value.detach()
+        return value

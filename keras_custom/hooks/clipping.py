@@ -29,6 +29,20 @@ def global_norm(grads):
     return ops.sqrt(total)
 
 
+def step_global_norm(hook, grads):
+    """`global_norm(grads)`, computed once per step for the same gradients.
+
+    Two hooks that need the global norm of the same gradients (`LogGradNorm` next
+    to `ClipByGlobalNorm`) share one computation, in a step of the hook's model.
+    """
+    from keras_custom.step.state import StepState
+
+    state = StepState.current()
+    if state is None or hook._owner() is not state.model:
+        return global_norm(grads)
+    return state.memo("global_norm", grads, lambda: global_norm(grads))
+
+
 def _scale(g, factor):
     return ops.multiply(g, ops.cast(factor, g.dtype))
 
@@ -185,17 +199,15 @@ class ClipByGlobalNorm(Hook):
                 f"Received: log_norms={log_norms!r}"
             )
         self.log_norms = log_norms
-
-    def build(self, model):
-        if self.log_norms:
+        if log_norms:
             self.declare_log(f"{self.name}/norm_before")
             self.declare_log(f"{self.name}/norm_after")
 
     def process_gradients(self, grads, variables, step):
         max_norm = self.strength("max_norm", step)
+        norm = step_global_norm(self, grads)
         if not self.log_norms:
-            return clip_by_global_norm(grads, max_norm)
-        norm = global_norm(grads)
+            return clip_by_global_norm(grads, max_norm, norm=norm)
         self.log(f"{self.name}/norm_before", norm)
         self.log(f"{self.name}/norm_after", ops.minimum(norm, max_norm))
         return clip_by_global_norm(grads, max_norm, norm=norm)

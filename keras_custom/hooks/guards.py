@@ -115,33 +115,38 @@ class SkipNonFinite(Hook):
     def __init__(self, max_consecutive=None, name="skipped_steps", **kwargs):
         super().__init__(name=name, **kwargs)
         self.max_consecutive = _validation.optional_int(
-            self, "max_consecutive", max_consecutive, 1
+            self, "max_consecutive", max_consecutive, 1, _validation.INT32_MAX
         )
         self._paths = []
+        self.declare_log(self.name, reduction="sum")
 
     def build(self, model):
-        self.declare_log(self.name, reduction="sum")
+        # The guard's own counters count skipped steps: a skip keeps them.
         self.consecutive = self.add_variable(
-            dtype="int32", name=f"{self.name}_consecutive"
+            dtype="int32", name=f"{self.name}_consecutive", rolls_back=False
         )
-        self.tripped = self.add_variable(dtype="int32", name=f"{self.name}_tripped")
+        self.tripped = self.add_variable(
+            dtype="int32", name=f"{self.name}_tripped", rolls_back=False
+        )
         self.cause = self.add_variable(
-            initializer=_NO_CAUSE, dtype="int32", name=f"{self.name}_cause"
+            initializer=_NO_CAUSE,
+            dtype="int32",
+            name=f"{self.name}_cause",
+            rolls_back=False,
         )
         self.tripped_step = self.add_variable(
-            dtype="int32", name=f"{self.name}_tripped_step"
+            dtype="int32", name=f"{self.name}_tripped_step", rolls_back=False
         )
 
     def process_gradients(self, grads, variables, step):
         self._paths = [v.path for v in variables]
-        model = self._context.model
-        loss = getattr(model, "_kc_loss_value", None)
-        cause = first_nonfinite(loss, grads)
+        state = self.step_state
+        cause = first_nonfinite(state.loss, grads)
         bad = ops.greater_equal(cause, 0)
         # Under loss scaling an overflow of the scaled gradients is the scaler's
         # business (the model skips that step and lowers the scale): not counted
         # here unless the loss itself is not finite.
-        overflow = model.loss_scale_overflow() if model is not None else None
+        overflow = state.model.loss_scale_overflow()
         if overflow is not None:
             bad = ops.logical_or(
                 ops.equal(cause, _LOSS),
@@ -179,6 +184,23 @@ class SkipNonFinite(Hook):
             skip = ops.logical_or(skip, ops.logical_and(tripped, active))
         self.skip_update(skip)
         return grads
+
+    def check_state(self, values):
+        if len(values) != 4:  # strengths none; four counters
+            return
+        consecutive, tripped, cause, tripped_step = (int(v) for v in values)
+        if (
+            consecutive < 0
+            or tripped not in (0, 1)
+            or cause < _NO_CAUSE
+            or tripped_step < 0
+        ):
+            raise ValueError(
+                f"SkipNonFinite(name={self.name!r}): the file's saved counters are "
+                "not valid (consecutive >= 0, tripped 0 or 1, cause >= -1, step >= 0). "
+                f"Received: consecutive={consecutive}, tripped={tripped}, "
+                f"cause={cause}, tripped_step={tripped_step}"
+            )
 
     def check(self, model):
         if self.max_consecutive is None or not self.built:

@@ -3,8 +3,10 @@
 import keras
 from keras import ops
 
+from keras_custom import _keras
 from keras_custom.hook import Hook
 from keras_custom.hooks.clipping import global_norm
+from keras_custom.hooks.clipping import step_global_norm
 
 
 def _layer_of(variable):
@@ -41,9 +43,9 @@ class LogGradNorm(Hook):
             )
         self.per_layer = per_layer
         self._layers = {}
+        self.declare_log(self.name)
 
     def build(self, model):
-        self.declare_log(self.name)
         if self.per_layer:
             self._layers = {}
             for i, v in enumerate(model.trainable_variables):
@@ -52,7 +54,7 @@ class LogGradNorm(Hook):
                 self.declare_log(f"{self.name}/{layer}")
 
     def process_gradients(self, grads, variables, step):
-        self.log(self.name, global_norm(grads))
+        self.log(self.name, step_global_norm(self, grads))
         if self.per_layer:
             for layer, indices in self._layers.items():
                 self.log(f"{self.name}/{layer}", global_norm([grads[i] for i in indices]))
@@ -80,8 +82,6 @@ class LogWeightNorm(Hook):
 
     def __init__(self, name="weight_norm", **kwargs):
         super().__init__(name=name, **kwargs)
-
-    def build(self, model):
         self.declare_log(self.name)
 
     def after_update(self, model, step):
@@ -90,13 +90,7 @@ class LogWeightNorm(Hook):
 
 def learning_rate_at(optimizer, step):
     """The learning rate `optimizer` used at `step` (a float32 tensor)."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    lr = inner._learning_rate
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        return ops.cast(lr(step), "float32")
-    if callable(lr) and not isinstance(lr, keras.Variable):
-        return ops.cast(lr(), "float32")
-    return ops.cast(lr, "float32")
+    return _keras.learning_rate_at(optimizer, step)
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
@@ -115,8 +109,6 @@ class LogLearningRate(Hook):
 
     def __init__(self, name="learning_rate", **kwargs):
         super().__init__(name=name, **kwargs)
-
-    def build(self, model):
         self.declare_log(self.name)
 
     def after_update(self, model, step):
@@ -178,8 +170,6 @@ class LogUpdateRatio(Hook):
         super().__init__(name=name, **kwargs)
         self._old = None
         self._seen = None
-
-    def build(self, model):
         self.declare_log(self.name)
 
     def process_gradients(self, grads, variables, step):

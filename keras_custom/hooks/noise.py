@@ -107,7 +107,9 @@ class GradientNoise(Hook):
                 f"Received: gamma={gamma!r}"
             )
         self.gamma = float(gamma)
-        self.seed = _validation.optional_int(self, "seed", seed, 0)
+        self.seed = _validation.optional_int(
+            self, "seed", seed, 0, _validation.UINT32_MAX
+        )
         self.seed_generator = None
 
     def build(self, model):

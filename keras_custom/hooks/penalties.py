@@ -56,10 +56,10 @@ class WeightPenalty(Hook):
     `val_loss`, as Keras's own `kernel_regularizer` would be.
 
     A strength given as `0.0` (the default) adds no work to the step: its term is
-    left out when the hook is built. A non-zero float can be changed later
-    (`hook.l2 = 1e-3`, from a callback) without tracing the step again; a strength
-    that was 0 at build time cannot become non-zero (that is a `ValueError`:
-    recompile with a new hook).
+    left out when the hook is built, and `WeightPenalty()` alone is a valid no-op
+    (it logs 0). A non-zero float can be changed later (`hook.l2 = 1e-3`, from a
+    callback) without tracing the step again; raising a strength that was 0 when
+    the hook was built makes the model trace its step again, once, with the term.
 
     Args:
         l1: L1 strength, a float >= 0 or a `LearningRateSchedule`.
@@ -86,14 +86,10 @@ class WeightPenalty(Hook):
         super().__init__(name=name, **kwargs)
         self.l1 = l1
         self.l2 = l2
-        if l1 == 0.0 and l2 == 0.0:
-            raise ValueError(
-                "WeightPenalty: at least one of `l1` and `l2` must be non-zero. "
-                f"Received: l1={l1!r}, l2={l2!r}"
-            )
         self.include = _validation.patterns(self, "include", include)
         self.exclude = _validation.patterns(self, "exclude", exclude)
         self._weights = []
+        self.declare_log(self.name)
 
     def build(self, model):
         self._weights = _selection.select(
@@ -109,7 +105,6 @@ class WeightPenalty(Hook):
                 "embedding among its trainable variables, or `exclude` removed them "
                 f"all). Received: include={self.include!r}, exclude={self.exclude!r}"
             )
-        self.declare_log(self.name)
 
     def loss_term(self, model, x, y, y_pred, sample_weight, training):
         l1, l2 = (0.0 if self.is_zero(n) else self.strength(n) for n in ("l1", "l2"))

@@ -80,7 +80,7 @@ class SharpnessAware(Hook):
         self.rho = rho
 
     def process_gradients(self, grads, variables, step):
-        model = self._context.model
+        model = self.step_state.model
         picked = [i for i, g in enumerate(grads) if g is not None]
         if not picked:
             return grads

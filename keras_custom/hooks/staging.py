@@ -7,48 +7,23 @@ adds `Freeze`, which keeps chosen weights fixed for the first steps of training.
 import keras
 from keras import ops
 
+from keras_custom import _keras
 from keras_custom import _selection
 from keras_custom import _validation
 from keras_custom.hook import Hook
+from keras_custom.hook import step_in_window
 
 
 def optimizer_slots(optimizer, variable):
     """The optimizer variables that belong to `variable` (momentum, velocity, ...).
 
-    Looks through a `LossScaleOptimizer` and a `MultiOptimizer`. A slot is an
-    entry of one of the optimizer's per-variable lists (those as long as its
-    trainable variables, such as Adam's `_momentums` and `_velocities`, or the
-    gradient accumulators), at the variable's index.
+    Looks through a `LossScaleOptimizer` and a `MultiOptimizer`.
 
     Returns:
         A list of `keras.Variable`s (empty when the optimizer is not built or
         keeps no per-variable state).
     """
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:
-        return optimizer_slots(inner, variable)
-    subs = getattr(optimizer, "_inner_optimizers", None)
-    if subs is not None:
-        return [s for sub in subs for s in optimizer_slots(sub, variable)]
-    own = getattr(optimizer, "_trainable_variables", None)
-    if not own:
-        return []
-    try:
-        index = optimizer._get_variable_index(variable)
-    except (KeyError, AttributeError):
-        return []
-    skip = {id(own), id(getattr(optimizer, "_variables", None))}
-    slots = []
-    for value in vars(optimizer).values():
-        if id(value) in skip or not isinstance(value, (list, tuple)):
-            continue
-        if len(value) != len(own):
-            continue
-        item = value[index]
-        if isinstance(item, keras.Variable) and item is not variable:
-            if all(item is not s for s in slots):
-                slots.append(item)
-    return slots
+    return _keras.optimizer_slots(optimizer, variable)
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
@@ -115,15 +90,15 @@ class Freeze(Hook):
 
     def is_frozen(self, step):
         """A boolean tensor: whether the weights are frozen at `step`."""
+        step = ops.convert_to_tensor(step)
         frozen = self.is_active(step)
         if self.until_step is not None:
-            step = ops.convert_to_tensor(step)
-            frozen = ops.logical_and(frozen, ops.less(step, self.until_step))
+            frozen = ops.logical_and(frozen, step_in_window(step, 0, self.until_step))
         return frozen
 
     def process_gradients(self, grads, variables, step):
         ids = {id(v) for v in self._frozen}
-        optimizer = self._context.model.optimizer
+        optimizer = self.step_state.model.optimizer
         saved = []
         for v in variables:
             if id(v) in ids:
