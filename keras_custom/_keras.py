@@ -88,7 +88,8 @@ class SymbolicBuild:
     """
 
     def _symbolic_build(self, *args, **kwargs):
-        super()._symbolic_build(*args, **kwargs)
+        with self._kc_symbolic_scope():
+            super()._symbolic_build(*args, **kwargs)
         self._kc_after_symbolic_build()
 
 
@@ -213,7 +214,7 @@ def append_callback(callbacks, callback):
 # ---------------------------------------------------------------------------------
 
 
-def on_model_file(save, load):
+def on_model_file(save, load, naming):
     """Lets keras_custom add its part to a `.keras` file's config, and take it back.
 
     A file written from a hooked model names the model's Keras class (or the
@@ -226,7 +227,9 @@ def on_model_file(save, load):
     compile, safe_mode)`, module functions that every way of saving and loading
     a `.keras` file calls (pickling and the Orbax callback too). They are wrapped
     here: `save(model)` returns our part or `None`; `load(config, part, build)`
-    builds the model, where `build(config)` is Keras's own construction.
+    builds the model, where `build(config)` is Keras's own construction; Keras's
+    serializer runs inside `naming()`, while which our models name the class
+    their file must name.
     """
     import json
 
@@ -239,7 +242,8 @@ def on_model_file(save, load):
 
     @functools.wraps(serialize)
     def serialize_model_as_json(model):
-        config_json, metadata_json = serialize(model)
+        with naming():
+            config_json, metadata_json = serialize(model)
         part = save(model)
         if part is not None:
             config = json.loads(config_json)

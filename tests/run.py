@@ -3,6 +3,7 @@ each file of tests/isolated/ in a process of its own.
 
     python tests/run.py                      # all backends installed
     python tests/run.py --backends tensorflow
+    python tests/run.py --backends jax --no-isolated tests/test_models.py
 
 A file in tests/isolated/ named `test_<backend>_*.py` (backend: tf, jax, torch)
 runs only on that backend; others run on every backend. Prints one closing line
@@ -65,6 +66,12 @@ def main():
         choices=["tensorflow", "jax", "torch"],
     )
     parser.add_argument("--no-isolated", action="store_true", help="skip tests/isolated/")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        default=["tests"],
+        help="what pytest runs in each backend's process (default: tests)",
+    )
     args = parser.parse_args()
     total = {"passed": 0, "failed": 0, "skipped": 0}
     isolated = sorted((ROOT / "tests" / "isolated").glob("test_*.py"))
@@ -73,7 +80,7 @@ def main():
             print(f"[{backend}] not installed: FAILED (install the extra)", flush=True)
             total["failed"] += 1
             continue
-        runs = [(["tests"], None)]
+        runs = [(list(args.paths), None)]
         if not args.no_isolated:
             for path in isolated:
                 parts = path.stem.split("_")

@@ -102,7 +102,10 @@ def test_bad_arguments(make, message):
     ],
 )
 def test_a_bad_name_is_refused_at_construction(make, shown):
-    with pytest.raises(TypeError, match=re.escape(f"`name` must be a non-empty string. Received: {shown}")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape(f"`name` must be a non-empty string. Received: {shown}"),
+    ):
         make()
 
 
@@ -131,12 +134,16 @@ def test_raising_a_zero_strength_from_a_callback_takes_effect(data):
     assert history["weight_penalty"][0] == 0.0
     assert history["weight_penalty"][1] > 0.0
     kernels = [model.get_layer(n).kernel for n in ("hidden", "out")]
-    expected = 0.5 * sum(float(np.sum(np.square(keras.ops.convert_to_numpy(k)))) for k in kernels)
+    expected = 0.5 * sum(
+        float(np.sum(np.square(keras.ops.convert_to_numpy(k)))) for k in kernels
+    )
     evaluated = model.evaluate(x, y, verbose=0, return_dict=True)
     np.testing.assert_allclose(float(evaluated["weight_penalty"]), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("unordered", [set, frozenset, lambda hs: {h.name: h for h in hs}])
+@pytest.mark.parametrize(
+    "unordered", [set, frozenset, lambda hs: {h.name: h for h in hs}]
+)
 def test_unordered_hooks_are_refused(unordered):
     model = mlp()
     with pytest.raises(TypeError, match="hooks run in list order"):

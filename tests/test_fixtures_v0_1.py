@@ -27,7 +27,9 @@ def test_a_0_1_file_loads_and_resumes(kind):
     expected = np.load(HERE / "v0_1" / f"{kind}-{BACKEND}.npz")
     x, y, probe = data()
     model = keras.models.load_model(path)
-    np.testing.assert_array_equal(model.predict(probe, verbose=0), expected["predictions"])
+    np.testing.assert_array_equal(
+        model.predict(probe, verbose=0), expected["predictions"]
+    )
     assert int(model.optimizer.iterations) == int(expected["iterations"])
     reference = type(KINDS[kind]().hooks[0])
     assert type(model.hooks[0]) is reference

@@ -40,7 +40,9 @@ def _logged():
     ]
 
 
-@pytest.mark.parametrize("name,tolerance", [("mixed_float16", 0.01), ("mixed_bfloat16", 0.05)])
+@pytest.mark.parametrize(
+    "name,tolerance", [("mixed_float16", 0.01), ("mixed_bfloat16", 0.05)]
+)
 def test_hooks_see_unscaled_gradients(data, policy, name, tolerance):
     _, reference = _fit(data, _logged)
     policy(name)
@@ -54,7 +56,9 @@ def test_hooks_see_unscaled_gradients(data, policy, name, tolerance):
     if name == "mixed_float16":
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     # The scale (2**15 at first) is not in what the hooks see.
-    np.testing.assert_allclose(mixed["grad_norm_raw"], reference["grad_norm_raw"], rtol=tolerance)
+    np.testing.assert_allclose(
+        mixed["grad_norm_raw"], reference["grad_norm_raw"], rtol=tolerance
+    )
     assert mixed["grad_norm_raw"][0] > 0.4  # the clip bites
     # The clip bound holds on the true gradient.
     assert mixed["grad_norm"][0] <= 0.2 * (1 + 1e-5)
@@ -158,8 +162,11 @@ def test_skip_non_finite_does_not_count_loss_scale_overflows(data, policy):
     optimizer = keras.optimizers.LossScaleOptimizer(
         keras.optimizers.SGD(1e-3), initial_scale=2**8
     )
-    model.compile(optimizer, "mse",
-                  hooks=[hooks.SkipNonFinite(max_consecutive=1), _RecordOverflow()])
+    model.compile(
+        optimizer,
+        "mse",
+        hooks=[hooks.SkipNonFinite(max_consecutive=1), _RecordOverflow()],
+    )
     logs = model.train_on_batch(x[:16], y[:16], return_dict=True)
     assert logs["overflows"] == 1.0  # the scaler skipped it...
     assert np.isfinite(logs["loss"])

@@ -148,7 +148,7 @@ class JAXTrainer(Trainer, _keras.JAXState):
         return out
 
     # -------------------------------------------------------------- stage 3
-    def _kc_loss_and_grads(self, x, y, sample_weight, variables):
+    def _kc_loss_and_grads(self, x, y, sample_weight, variables=None):
         """`jax.value_and_grad` of the forward pass and the loss, as a pure
         function of the differentiated values; what the pass assigns (moving
         statistics, metric and hook state) comes back into the step's scope."""
@@ -158,6 +158,8 @@ class JAXTrainer(Trainer, _keras.JAXState):
                 "JAX backend: a step runs in a `keras.StatelessScope` holding the "
                 "model's state (as `fit` and `train_on_batch` do)."
             )
+        if variables is None:
+            variables = self.trainable_variables
         targets = list(variables)
         target_ids = {id(v) for v in targets}
 
@@ -195,7 +197,7 @@ class JAXTrainer(Trainer, _keras.JAXState):
             grads = []
         for variable, value in zip(touched, updates):
             variable.assign(value)
-        return y_pred, loss, list(grads)
+        return y_pred, loss, list(grads), targets
 
     def _kc_snapshot(self, variables):
         # Values in a stateless scope are immutable arrays: no copy needed.

@@ -34,14 +34,16 @@ def _replica_context():
 class TensorFlowTrainer(Trainer):
     """The shared step, with a gradient tape and `tf.distribute` replica sums."""
 
-    def _kc_loss_and_grads(self, x, y, sample_weight, variables):
+    def _kc_loss_and_grads(self, x, y, sample_weight, variables=None):
         with tf.GradientTape() as tape:
             y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, True)
             scaled = loss
             if self.optimizer is not None:
                 scaled = self.optimizer.scale_loss(loss)
+        if variables is None:
+            variables = self.trainable_variables
         grads = tape.gradient(scaled, variables) if variables else []
-        return y_pred, loss, list(grads)
+        return y_pred, loss, list(grads), variables
 
     def _kc_batch_size(self, x):
         # The batch dimension may be unknown while tracing: read it at run time.

@@ -19,12 +19,14 @@ from keras_custom.step.trainer import Trainer
 class TorchTrainer(Trainer):
     """The shared step, with autograd for the gradients."""
 
-    def _kc_loss_and_grads(self, x, y, sample_weight, variables):
+    def _kc_loss_and_grads(self, x, y, sample_weight, variables=None):
         with torch.enable_grad():
             y_pred, loss = self._kc_forward_and_loss(x, y, sample_weight, True)
             scaled = loss
             if self.optimizer is not None:
                 scaled = self.optimizer.scale_loss(loss)
+            if variables is None:
+                variables = self.trainable_variables
             grads = []
             if variables:
                 grads = list(
@@ -32,7 +34,7 @@ class TorchTrainer(Trainer):
                         scaled, [v.value for v in variables], allow_unused=True
                     )
                 )
-        return y_pred, loss.detach(), grads
+        return y_pred, loss.detach(), grads, variables
 
     def _kc_update(self, state, loss, grads, variables):
         with torch.no_grad():

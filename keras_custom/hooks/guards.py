@@ -113,7 +113,7 @@ class SkipNonFinite(Hook):
     """
 
     def __init__(self, max_consecutive=None, name="skipped_steps", **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=_validation.name(self, name), **kwargs)
         self.max_consecutive = _validation.optional_int(
             self, "max_consecutive", max_consecutive, 1, _validation.INT32_MAX
         )

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_custom import _keras
+from keras_custom import _validation
 from keras_custom.hook import Hook
 from keras_custom.hooks.clipping import global_norm
 from keras_custom.hooks.clipping import step_global_norm
@@ -35,7 +36,7 @@ class LogGradNorm(Hook):
     """
 
     def __init__(self, per_layer=False, name="grad_norm", **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=_validation.name(self, name), **kwargs)
         if not isinstance(per_layer, bool):
             raise TypeError(
                 "LogGradNorm: `per_layer` must be a bool. "
@@ -81,7 +82,7 @@ class LogWeightNorm(Hook):
     """
 
     def __init__(self, name="weight_norm", **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=_validation.name(self, name), **kwargs)
         self.declare_log(self.name)
 
     def after_update(self, model, step):
@@ -108,7 +109,7 @@ class LogLearningRate(Hook):
     """
 
     def __init__(self, name="learning_rate", **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=_validation.name(self, name), **kwargs)
         self.declare_log(self.name)
 
     def after_update(self, model, step):
@@ -162,12 +163,7 @@ class LogUpdateRatio(Hook):
     """
 
     def __init__(self, name="update_ratio", **kwargs):
-        if not isinstance(name, str) or not name:
-            raise TypeError(
-                "LogUpdateRatio: `name` must be a non-empty string (the log name). "
-                f"Received: name={name!r}"
-            )
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=_validation.name(self, name), **kwargs)
         self._old = None
         self._seen = None
         self.declare_log(self.name)

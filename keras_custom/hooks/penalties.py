@@ -83,7 +83,7 @@ class WeightPenalty(Hook):
     def __init__(
         self, l1=0.0, l2=0.0, include=None, exclude=None, name="weight_penalty", **kwargs
     ):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=_validation.name(self, name), **kwargs)
         self.l1 = l1
         self.l2 = l2
         self.include = _validation.patterns(self, "include", include)

@@ -77,6 +77,7 @@ class Pipeline:
         }
         self.evaluating = False
         self.compiled_names = set()  # the compiled metrics' names, from compile
+        self.names_checked = False  # checked against the built metrics' names
         self.built = False  # every hook built and its trackers made
         # Whether a hook ever asked to skip an update: None until the first
         # train step ran (a step keeps what a skip would restore until then).

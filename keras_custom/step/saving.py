@@ -17,7 +17,9 @@ compile config) load as before. (`keras_custom._keras.on_model_file` is where
 Keras's saver calls these.)
 """
 
+import contextlib
 import copy
+import threading
 import warnings
 
 import keras
@@ -143,4 +145,23 @@ def compiled_metric_names(compile_config):
 
 public_optimizers = _keras.public_optimizers
 
-_keras.on_model_file(marker_of, restore)
+_naming = threading.local()
+
+
+@contextlib.contextmanager
+def file_naming():
+    """While a file is written, a hooked model names the class its file names
+    (see `Trainer.__class__`)."""
+    depth = getattr(_naming, "depth", 0)
+    _naming.depth = depth + 1
+    try:
+        yield
+    finally:
+        _naming.depth = depth
+
+
+def naming_for_files():
+    return getattr(_naming, "depth", 0) > 0
+
+
+_keras.on_model_file(marker_of, restore, file_naming)

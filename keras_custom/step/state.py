@@ -43,9 +43,11 @@ class StepState:
         objective: what `model.gradients_at_current_weights(objective=...)` asks
             for during a second pass; `None` in the step's own pass.
         scope: on JAX, the `keras.StatelessScope` holding the step's state.
+        symbolic: `True` while Keras builds the model, its metrics and loss
+            symbolically (before the first step): hooks take no part then.
     """
 
-    def __init__(self, model, training, batch=None, scope=None):
+    def __init__(self, model, training, batch=None, scope=None, symbolic=False):
         self.model = model
         self.training = training
         self.batch = batch
@@ -59,6 +61,7 @@ class StepState:
         self.skips = None  # a list while the gradient stages run
         self.snapshot = ()  # (variable, value before the step) pairs to roll back
         self.scope = scope  # JAX: the `keras.StatelessScope` the step runs in
+        self.symbolic = symbolic  # Keras builds the model symbolically: no hooks
         self._memo = {}
 
     # ----------------------------------------------------------- current state

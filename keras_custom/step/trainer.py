@@ -208,6 +208,10 @@ class Trainer(_keras.SymbolicBuild):
             pipeline.logs.tracker(name)
         pipeline.built = True
 
+    def _kc_symbolic_scope(self):
+        """While Keras builds the model symbolically: hooks take no part."""
+        return StepState(self, training=False, symbolic=True)
+
     def _kc_after_symbolic_build(self):
         """After Keras built the model, its metrics and the optimizer, outside any
         compiled function: the hooks are built there, so that their state exists
@@ -226,14 +230,14 @@ class Trainer(_keras.SymbolicBuild):
             if pipeline is None
             else {id(t) for t in pipeline.logs.trackers.values()}
         )
-        stack = [m for m in super().metrics if id(m) not in own]
-        while stack:
-            metric = stack.pop()
-            inner = getattr(metric, "metrics", None)
-            if isinstance(inner, (list, tuple)) and inner:
-                stack.extend(inner)
-            else:
-                names.add(metric.name)
+        for metric in super().metrics:
+            if id(metric) in own:
+                continue
+            names.add(metric.name)
+            if getattr(metric, "built", True):
+                result = metric.result()  # a container's names (`a_mae`, ...)
+                if isinstance(result, dict):
+                    names.update(result)
         return names
 
     # ============================================================ logs, metrics
@@ -351,8 +355,7 @@ class Trainer(_keras.SymbolicBuild):
         with StepState(self, True, (x, y, sample_weight), **state_kwargs) as state:
             if self._kc_may_roll_back():
                 state.snapshot = self._kc_snapshot(self.non_trainable_variables)
-            variables = self.trainable_variables
-            y_pred, loss, grads = self._kc_loss_and_grads(x, y, sample_weight, variables)
+            y_pred, loss, grads, variables = self._kc_loss_and_grads(x, y, sample_weight)
             self._kc_track_loss(x, loss)
             if variables:
                 self._kc_update(state, loss, grads, variables)
@@ -369,7 +372,16 @@ class Trainer(_keras.SymbolicBuild):
             return self._kc_metrics(x, y, y_pred, sample_weight)
 
     def _kc_metrics(self, x, y, y_pred, sample_weight):
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        pipeline = self._kc
+        if pipeline is not None and not pipeline.names_checked:
+            # The compiled metrics are built now (on TensorFlow, in this first
+            # step): check once that no hook's log took one of their names.
+            reserved = self._kc_reserved_names()
+            for name, owner in pipeline.logs.owners.items():
+                pipeline.logs.claim(owner, name, pipeline.logs.reductions[name], reserved)
+            pipeline.names_checked = True
+        return logs
 
     def _kc_may_roll_back(self):
         """Whether a step must keep what a skipped update restores."""
@@ -415,16 +427,28 @@ class Trainer(_keras.SymbolicBuild):
         """Stage 2: the compiled loss, `model.losses`, and every hook's loss term.
 
         The same in the train and the test step, so `loss` and `val_loss` measure
-        the same thing. Hook terms are added only inside the model's own steps (not
-        when Keras builds the compiled loss symbolically).
+        the same thing. Called from a hand-written loop, it adds the terms too (and
+        what the hooks log there counts); not while Keras builds the compiled loss
+        symbolically.
         """
         loss = self._kc_base_loss(x, y, y_pred, sample_weight, training)
         pipeline = self._kc
         if pipeline is None or not pipeline.stage_hooks["loss_term"]:
             return loss
         state = StepState.current()
-        if state is None or state.model is not self:
+        if state is None:  # a hand-written loop
+            with StepState(self, training, (x, y, sample_weight)):
+                return self._kc_add_loss_terms(
+                    loss, x, y, y_pred, sample_weight, training
+                )
+        if state.symbolic or state.model is not self:
             return loss
+        return self._kc_add_loss_terms(loss, x, y, y_pred, sample_weight, training)
+
+    def _kc_add_loss_terms(self, loss, x, y, y_pred, sample_weight, training):
+        """Adds every hook's loss term to `loss` (in the current `StepState`)."""
+        pipeline = self._kc
+        state = StepState.current()
         self._kc_build_hooks()  # a model built by this very call (TensorFlow)
         hooks = pipeline.stage_hooks["loss_term"]
         step = self._kc_step() if any(h.has_window for h in hooks) else None
@@ -659,7 +683,9 @@ class Trainer(_keras.SymbolicBuild):
             variables = self.trainable_variables
         x, y, sample_weight = state.batch
         with state.scoped(objective=objective, muted=True):
-            _, loss, grads = self._kc_loss_and_grads(x, y, sample_weight, list(variables))
+            _, loss, grads, _ = self._kc_loss_and_grads(
+                x, y, sample_weight, list(variables)
+            )
         grads, loss = self._kc_aggregate(list(grads), loss)
         return loss_scale.unscale(self.optimizer, grads), loss
 
@@ -692,9 +718,11 @@ class Trainer(_keras.SymbolicBuild):
         return self._kc_step()
 
     # =========================================== what a backend may override
-    def _kc_loss_and_grads(self, x, y, sample_weight, variables):
-        """Backend: stages 1-3. Returns `(y_pred, loss, grads)`, the gradients of
-        the scaled loss with respect to `variables`."""
+    def _kc_loss_and_grads(self, x, y, sample_weight, variables=None):
+        """Backend: stages 1-3. Returns `(y_pred, loss, grads, variables)`: the
+        gradients of the scaled loss with respect to `variables` (default: the
+        trainable variables, read after the forward pass, which may build the
+        model)."""
         raise NotImplementedError
 
     def _kc_aggregate(self, grads, loss):
@@ -740,13 +768,16 @@ class Trainer(_keras.SymbolicBuild):
     # ================================================ what `.keras` files see
     @property
     def __class__(self):
-        # Files and `keras.saving.serialize_keras_object` name `type(self).
-        # _kc_saved_class` where our class is only Keras's or the user's with our
-        # step mixed in (kc.Sequential -> keras.Sequential, an attached model ->
-        # its own class), so that a file loads where keras_custom is not
-        # installed. `type(model)` and `isinstance` see the real class.
+        # While a `.keras` file is written, Keras's serializer reads the class to
+        # name from `obj.__class__`: a file names `type(self)._kc_saved_class`
+        # where our class is only Keras's or the user's with our step mixed in
+        # (kc.Sequential -> keras.Sequential, an attached model -> its own class),
+        # so that it loads where keras_custom is not installed. At all other
+        # times the real class.
         cls = type(self)
-        return cls.__dict__.get("_kc_saved_class", cls)
+        if saving.naming_for_files():
+            return cls.__dict__.get("_kc_saved_class", cls)
+        return cls
 
     @__class__.setter
     def __class__(self, cls):
