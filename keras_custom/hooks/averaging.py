@@ -358,7 +358,7 @@ class WeightAverage(Hook):
         epoch `fit` keeps the state outside the variables.
         """
         self._require_built("count")
-        return int(ops.convert_to_numpy(self._count))
+        return int(ops.convert_to_numpy(self._count.value))
 
     @property
     def averaged_variables(self):
@@ -396,7 +396,7 @@ class WeightAverage(Hook):
         if self.count == 0:
             yield model
             return
-        own = [ops.convert_to_numpy(v) for v in self._sources]
+        own = [ops.convert_to_numpy(v.value) for v in self._sources]
         try:
             for source, average in zip(self._sources, self._averages):
                 source.assign(_copy(average))
