@@ -312,7 +312,19 @@ class ScaleGradients(_GroupScaling):
             )
         checked = {}
         for pattern, value in factors.items():
-            _validation.patterns(self, "factors", [pattern])
+            if not isinstance(pattern, str):
+                raise TypeError(
+                    "ScaleGradients: the keys of `factors` must be regular "
+                    "expressions (strings) searched in `variable.path`. Received: "
+                    f"factors={factors!r}"
+                )
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    f"ScaleGradients: `factors` has an invalid regular expression "
+                    f"{pattern!r} ({e}). Received: factors={factors!r}"
+                ) from None
             checked[pattern] = self._check_factor(pattern, value)
         self._factor_values = checked
         self._factor_variables = {}
