@@ -222,25 +222,32 @@ class _GroupScaling(Hook):
     def __init__(self, mode="update", **kwargs):
         super().__init__(**kwargs)
         self.mode = _validation.one_of(self, "mode", mode, MODES)
-        self._before = None
 
     def _factors(self, variables, step):
         """One scalar tensor (or `None`: factor 1) per variable."""
         raise NotImplementedError
 
+    @property
+    def _key(self):
+        return ("values before the update", id(self))
+
     def process_gradients(self, grads, variables, step):
         factors = self._factors(variables, step)
         if self.mode == "gradient":
             return scale_gradients(grads, factors)
-        self._before = [
+        before = [
             (v, ops.copy(v.value), f)
             for v, g, f in zip(variables, grads, factors)
             if f is not None and g is not None
         ]
+        # Kept in this step's state, not on the hook: under a tf.distribute
+        # strategy each replica runs the step in a thread of its own, with a
+        # StepState of its own, and the hook is shared.
+        self.step_state.memo(self._key, (), lambda: before)
         return grads
 
     def after_update(self, model, step):
-        before, self._before = self._before, None
+        before = self.step_state.memo(self._key, (), lambda: None)
         if not before:
             return
         active = self.is_active(step) if self.has_window else None
