@@ -11,6 +11,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from conftest import only_backends
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -350,6 +351,35 @@ def test_nothing_averaged_yet():
     with pytest.raises(ValueError, match="must be the model this hook is compiled with"):
         with hook.averaged(other):
             pass
+
+
+@only_backends("tensorflow", "jax")  # torch runs the step in Python every time
+def test_no_more_traces_than_plain_keras():
+    x = np.concatenate([b[0] for b in batches(4)])
+    y = np.concatenate([b[1] for b in batches(4)])
+
+    def traces(base, hooks_=None):
+        class Counting(base):
+            count = 0
+
+            def train_step(self, *args):  # Python runs only while tracing
+                type(self).count += 1
+                return super().train_step(*args)
+
+        keras.utils.set_random_seed(0)
+        model = Counting(
+            [keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+        )
+        kwargs = {} if hooks_ is None else {"hooks": hooks_}
+        model.compile("adam", "mse", jit_compile=True, **kwargs)
+        model.fit(x, y, batch_size=8, epochs=3, validation_data=(x, y), verbose=0)
+        return Counting.count
+
+    hooks_ = [
+        hooks.Lookahead(k=3),
+        hooks.WeightAverage(start_step=3, every=2, validate_with_average=True),
+    ]
+    assert traces(kc.Sequential, hooks_) == traces(keras.Sequential)
 
 
 # ------------------------------------------------- BatchNormalization
