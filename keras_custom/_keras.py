@@ -93,6 +93,17 @@ class SymbolicBuild:
         self._kc_after_symbolic_build()
 
 
+def all_layers(model):
+    """Every layer inside `model`, nested ones included, each once (not `model`).
+
+    `model.layers` lists only the top level: a `BatchNormalization` inside a
+    custom block layer, or inside a nested model's block, is not there, and
+    Keras has no public walk over sublayers. `Layer._flatten_layers` is the walk
+    Keras itself uses (same signature in 3.12.0-3.15.1).
+    """
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
 # ---------------------------------------------------------------------------------
 # Variables inside a `keras.StatelessScope`. Checked on Keras 3.12-3.15.
 # ---------------------------------------------------------------------------------

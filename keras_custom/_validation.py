@@ -129,3 +129,50 @@ def one_of(hook, name, value, choices):
             f"Received: {name}={value!r}"
         )
     return value
+
+
+def boolean(hook, name, value):
+    """A bool (not an int or a string that reads as one)."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{_owner(hook)}: `{name}` must be a bool. Received: {name}={value!r}"
+        )
+    return value
+
+
+def integer(hook, name, value, minimum, maximum=INT64_MAX):
+    """An integer from `minimum` to `maximum` (returned as `int`)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    if value > maximum:
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be at most {maximum}. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def interval(hook, name, value, low, high, low_open=False, high_open=False):
+    """A float in the interval from `low` to `high` (each end open or closed)."""
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{_owner(hook)}: `{name}` must be a float in {text}. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    value = float(value)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # NaN fails both
+        raise ValueError(
+            f"{_owner(hook)}: `{name}` must be a float in {text}. "
+            f"Received: {name}={value!r}"
+        )
+    return value

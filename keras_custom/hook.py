@@ -97,6 +97,9 @@ class Hook(_keras.KerasSaveable):
     4. `check`: in Python, after the compiled training call returned (to raise
        an error a hook recorded in its variables).
 
+    A hook may also give `fit` Keras callbacks (`callbacks`), for what happens
+    around validation or at the end of training.
+
     `step` is the number of optimizer updates applied before this one (0-based, what
     Keras learning-rate schedules see). A hook is active while
     `start_step <= step < stop_step`; outside that window its loss term counts zero,
@@ -191,6 +194,23 @@ class Hook(_keras.KerasSaveable):
         hooks that override it are checked, so the host does not wait for the
         device when no hook needs to.
         """
+
+    def callbacks(self):
+        """Keras callbacks that `fit` adds after the user's callbacks.
+
+        For what a hook does at the level of `fit` rather than of a step: around
+        validation (`on_test_begin`/`on_test_end`), at the end of training
+        (`on_train_end`), ... They run in Python, outside the compiled step, and
+        only in `fit` (not in `train_on_batch`, `evaluate` called on its own, or a
+        hand-written loop). `fit` calls this once per call; return the same
+        instances each time (a `keras.callbacks.CallbackList` the user passes to
+        several `fit` calls gets each instance once). The default: none.
+
+        On JAX, `fit` keeps the model's state outside its variables during an
+        epoch: the variables are current in `on_test_begin`, `on_test_end`,
+        `on_epoch_end` and `on_train_end`, not in batch-level methods.
+        """
+        return []
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -91,7 +91,9 @@ class TensorFlowTrainer(Trainer):
         """
         context = _replica_context()
         if context is None:
-            return super()._kc_cond(pred, true_fn, false_fn, *args)
+            return super()._kc_cond(
+                pred, _in_branch(true_fn), _in_branch(false_fn), *args
+            )
         votes = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(pred, tf.float32))
         pred = tf.greater_equal(votes, float(context.num_replicas_in_sync) - 0.5)
         states = _StateHandle(StepState.current())
@@ -123,6 +125,25 @@ class TensorFlowTrainer(Trainer):
         if context is None or context.num_replicas_in_sync == 1:
             return None
         return 1.0 / context.num_replicas_in_sync
+
+
+def _in_branch(fn):
+    """`fn` with its tensor arguments brought into the branch's graph first.
+
+    A branch that passes some gradients through unchanged and makes the others
+    (a hook that acts on some variables only) would give the optimizer tensors
+    of two graphs, the outer one and the branch's, which its all-reduce (a
+    custom gradient) refuses: "All custom_gradient outputs should be from the
+    same graph".
+    """
+
+    def run(*args):
+        args = tf.nest.map_structure(
+            lambda t: tf.identity(t) if isinstance(t, tf.Tensor) else t, args
+        )
+        return fn(*args)
+
+    return run
 
 
 class _StateHandle:

@@ -1,5 +1,12 @@
 """The built-in hooks, one module per family."""
 
+from keras_custom.hooks.averaging import Lookahead as Lookahead
+from keras_custom.hooks.averaging import WeightAverage as WeightAverage
+from keras_custom.hooks.averaging import ema_decay as ema_decay
+from keras_custom.hooks.averaging import lookahead_step as lookahead_step
+from keras_custom.hooks.averaging import moving_average as moving_average
+from keras_custom.hooks.averaging import recompute_batch_norm as recompute_batch_norm
+from keras_custom.hooks.averaging import swa_decay as swa_decay
 from keras_custom.hooks.clipping import AdaptiveClip as AdaptiveClip
 from keras_custom.hooks.clipping import ClipByGlobalNorm as ClipByGlobalNorm
 from keras_custom.hooks.clipping import ClipByNorm as ClipByNorm
@@ -10,6 +17,13 @@ from keras_custom.hooks.clipping import clip_by_norm as clip_by_norm
 from keras_custom.hooks.clipping import clip_by_value as clip_by_value
 from keras_custom.hooks.clipping import global_norm as global_norm
 from keras_custom.hooks.clipping import unitwise_norm as unitwise_norm
+from keras_custom.hooks.groups import GradientCentralization as GradientCentralization
+from keras_custom.hooks.groups import LayerwiseDecay as LayerwiseDecay
+from keras_custom.hooks.groups import ScaleGradients as ScaleGradients
+from keras_custom.hooks.groups import centralize_gradients as centralize_gradients
+from keras_custom.hooks.groups import layer_ids as layer_ids
+from keras_custom.hooks.groups import scale_gradients as scale_gradients
+from keras_custom.hooks.groups import scale_updates as scale_updates
 from keras_custom.hooks.guards import SkipNonFinite as SkipNonFinite
 from keras_custom.hooks.guards import all_finite as all_finite
 from keras_custom.hooks.logging import LogGradNorm as LogGradNorm

@@ -327,12 +327,17 @@ class Trainer(_keras.SymbolicBuild):
 
     def fit(self, *args, **kwargs):
         pipeline = self._kc
-        if pipeline is not None and pipeline.stage_hooks["check"]:
+        extra = []
+        if pipeline is not None:
+            if pipeline.stage_hooks["check"]:
+                extra.append(_CheckHooks())
+            extra.extend(c for hook in pipeline.hooks for c in hook.callbacks())
+        if extra:
             args = list(args)
             if len(args) > 5:  # fit(x, y, batch_size, epochs, verbose, callbacks)
-                args[5] = _with_check(args[5])
+                args[5] = _with_callbacks(args[5], extra)
             else:
-                kwargs["callbacks"] = _with_check(kwargs.get("callbacks"))
+                kwargs["callbacks"] = _with_callbacks(kwargs.get("callbacks"), extra)
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
@@ -804,12 +809,23 @@ def _takes_training(method):
     return found
 
 
-def _with_check(callbacks):
+def _with_callbacks(callbacks, extra):
+    """The user's callbacks, then `extra` (`_CheckHooks`, the hooks' own: see
+    `Hook.callbacks`), each once: a `CallbackList` reused across `fit` calls
+    gets them once."""
+
+    def present(callback, where):
+        if isinstance(callback, _CheckHooks):
+            return any(isinstance(c, _CheckHooks) for c in where)
+        return any(c is callback for c in where)
+
     if isinstance(callbacks, keras.callbacks.CallbackList):
-        if not any(isinstance(c, _CheckHooks) for c in callbacks.callbacks):
-            _keras.append_callback(callbacks, _CheckHooks())
+        for callback in extra:
+            if not present(callback, callbacks.callbacks):
+                _keras.append_callback(callbacks, callback)
         return callbacks
     callbacks = list(callbacks or [])
-    if not any(isinstance(c, _CheckHooks) for c in callbacks):
-        callbacks.append(_CheckHooks())
+    for callback in extra:
+        if not present(callback, callbacks):
+            callbacks.append(callback)
     return callbacks

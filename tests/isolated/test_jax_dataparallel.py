@@ -95,3 +95,57 @@ def test_two_devices_match_one_device():
         np.testing.assert_array_equal(a, b)
     guard = model.hooks[1]
     assert int(np.asarray(guard.consecutive)) == 1
+
+
+def train_recipes(distribution):
+    keras.distribution.set_distribution(distribution)
+    try:
+        x, y, weights = data()
+        model = kc.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(8, activation="relu", name="d1"),
+                keras.layers.Dense(2, name="d2"),
+            ]
+        )
+        model.set_weights(weights)
+        model.compile(
+            keras.optimizers.Adam(0.05),
+            "mse",
+            hooks=[
+                hooks.SkipNonFinite(),
+                hooks.GradientCentralization(),
+                hooks.ScaleGradients({"d1": 0.5}),
+                hooks.LayerwiseDecay(0.5),
+                hooks.Lookahead(k=2),
+                hooks.WeightAverage(decay=0.9, validate_with_average=True),
+            ],
+        )
+        history = model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=2,
+            validation_data=(x[:16], y[:16]),
+            shuffle=False,
+            verbose=0,
+        )
+        model.train_on_batch(np.full_like(x[:8], np.nan), y[:8])  # skipped
+        state = [np.asarray(v) for h in model.hooks[1:] for v in h.variables]
+        return model, history.history, state
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+def test_training_recipes_match_one_device():
+    """Averages, slow weights and scaled updates see the global batch's update."""
+    single, single_logs, single_state = train_recipes(None)
+    dp = keras.distribution.DataParallel(devices=jax.devices("cpu"))
+    model, logs, state = train_recipes(dp)
+    assert model.hooks[-1].count == single.hooks[-1].count == 12
+    for got, want in zip(model.get_weights(), single.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logs["val_loss"], single_logs["val_loss"], rtol=1e-5)
+    assert len(state) == len(single_state) > 0
+    for a, b in zip(state, single_state):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

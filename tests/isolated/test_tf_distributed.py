@@ -226,3 +226,46 @@ def test_save_and_reload_under_strategy(tmp_path):
     w2, h2 = train(restored, x, y)
     assert_close(w2, w1)
     np.testing.assert_allclose(h2["grad_norm"], h1["grad_norm"], rtol=1e-6)
+
+
+def test_training_recipes_match_single_device():
+    """Averages, slow weights and scaled updates see the update of the global
+    batch; validation with the average swaps mirrored variables."""
+    x, y = data()
+
+    def make():
+        return [
+            hooks.GradientCentralization(),
+            hooks.ScaleGradients({"hidden": 0.5}),
+            hooks.LayerwiseDecay(0.5),
+            hooks.Lookahead(k=2, alpha=0.5),
+            hooks.WeightAverage(decay=0.9, validate_with_average=True),
+        ]
+
+    def run(strategy=None):
+        model = build(make, strategy)
+        history = model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=2,
+            validation_data=(x[:16], y[:16]),
+            shuffle=False,
+            verbose=0,
+        )
+        state = [v.numpy() for h in model.hooks for v in h.variables]
+        return model, [np.array(w) for w in model.get_weights()], history.history, state
+
+    _, w1, h1, s1 = run()
+    model, w2, h2, s2 = run(mirrored())
+    assert_close(w2, w1)
+    assert_close(s2, s1)
+    np.testing.assert_allclose(h2["val_loss"], h1["val_loss"], rtol=1e-5)
+    ema = model.hooks[-1]
+    with ema.averaged(model):
+        averaged = model.evaluate(x[:16], y[:16], verbose=0)
+    np.testing.assert_allclose(averaged, h2["val_loss"][-1], rtol=1e-6)
+    hook_state = [v for h in model.hooks for v in h.variables]
+    for variable in model.trainable_variables + hook_state:
+        copies = [v.numpy() for v in variable.value.values]
+        np.testing.assert_array_equal(copies[0], copies[1])
