@@ -9,12 +9,21 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 BACKEND = keras.backend.backend()
+KERAS_VERSION = tuple(int(p) for p in keras.version().split(".")[:2])
 
 
 def only_backends(*names):
     """Skip a test unless Keras runs on one of `names`."""
     return pytest.mark.skipif(
         BACKEND not in names, reason=f"{BACKEND} backend: test is for {names}"
+    )
+
+
+def requires_keras(major, minor, why):
+    """Skip a test on a Keras older than `major.minor` (for what it lacks)."""
+    return pytest.mark.skipif(
+        KERAS_VERSION < (major, minor),
+        reason=f"Keras {keras.version()}: {why} (from Keras {major}.{minor})",
     )
 
 

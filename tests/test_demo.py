@@ -9,7 +9,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_custom import demo
+pytest.importorskip("sklearn", reason="the demo's extra is not installed")
+pytest.importorskip("matplotlib", reason="the demo's extra is not installed")
+
+from keras_custom import demo  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

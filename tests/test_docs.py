@@ -20,6 +20,8 @@ import sys
 import keras
 import pytest
 
+pytest.importorskip("mkdocs", reason="the docs extra is not installed")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKEND = keras.backend.backend()
 BACKEND_LIBRARY = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}

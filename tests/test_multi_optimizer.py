@@ -3,10 +3,16 @@ hooks see every trainable variable at once (one global norm across the groups)."
 
 import keras
 import numpy as np
+import pytest
+from conftest import KERAS_VERSION
 from conftest import mlp
 
 import keras_custom as kc
 from keras_custom import hooks
+
+pytestmark = pytest.mark.skipif(
+    KERAS_VERSION < (3, 15), reason="keras.optimizers.MultiOptimizer is new in Keras 3.15"
+)
 
 
 def _multi(lr_hidden=0.1, lr_out=0.1, hidden=None):

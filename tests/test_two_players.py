@@ -7,8 +7,13 @@ import re
 import keras
 import numpy as np
 import pytest
+from conftest import KERAS_VERSION
 
 import keras_custom as kc
+
+pytestmark = pytest.mark.skipif(
+    KERAS_VERSION < (3, 15), reason="keras.optimizers.MultiOptimizer is new in Keras 3.15"
+)
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "two-players.md"
 

@@ -227,10 +227,6 @@ class _GroupScaling(Hook):
         """One scalar tensor (or `None`: factor 1) per variable."""
         raise NotImplementedError
 
-    @property
-    def _key(self):
-        return ("values before the update", id(self))
-
     def process_gradients(self, grads, variables, step):
         factors = self._factors(variables, step)
         if self.mode == "gradient":
@@ -243,11 +239,11 @@ class _GroupScaling(Hook):
         # Kept in this step's state, not on the hook: under a tf.distribute
         # strategy each replica runs the step in a thread of its own, with a
         # StepState of its own, and the hook is shared.
-        self.step_state.memo(self._key, (), lambda: before)
+        self.step_state.scratch(self)["before"] = before
         return grads
 
     def after_update(self, model, step):
-        before = self.step_state.memo(self._key, (), lambda: None)
+        before = self.step_state.scratch(self).pop("before", None)
         if not before:
             return
         active = self.is_active(step) if self.has_window else None

@@ -164,19 +164,18 @@ class LogUpdateRatio(Hook):
 
     def __init__(self, name="update_ratio", **kwargs):
         super().__init__(name=_validation.name(self, name), **kwargs)
-        self._old = None
-        self._seen = None
         self.declare_log(self.name)
 
     def process_gradients(self, grads, variables, step):
-        self._old = [ops.copy(v.value) for v in variables]
-        self._seen = list(variables)
+        kept = self.step_state.scratch(self)
+        kept["old"] = [ops.copy(v.value) for v in variables]
+        kept["variables"] = list(variables)
         return grads
 
     def after_update(self, model, step):
-        old, self._old = self._old, None
+        kept = self.step_state.scratch(self)
+        old = kept.pop("old", None)
         if old is None:
             return
-        new = [v.value for v in self._seen]
-        self._seen = None
+        new = [v.value for v in kept.pop("variables")]
         self.log(self.name, update_ratio(old, new))

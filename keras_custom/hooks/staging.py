@@ -78,7 +78,6 @@ class Freeze(Hook):
         self.include = _validation.patterns(self, "include", include)
         self.until_step = _validation.optional_int(self, "until_step", until_step, 1)
         self._frozen = []
-        self._saved = None
 
     def build(self, model):
         self._frozen = _selection.select(self, model.trainable_variables, self.include)
@@ -104,7 +103,7 @@ class Freeze(Hook):
             if id(v) in ids:
                 for t in [v, *optimizer_slots(optimizer, v)]:
                     saved.append((t, ops.copy(t.value)))
-        self._saved = saved
+        self.step_state.scratch(self)["saved"] = saved
         frozen = self.is_frozen(step)
         return [
             g
@@ -114,7 +113,7 @@ class Freeze(Hook):
         ]
 
     def after_update(self, model, step):
-        saved, self._saved = self._saved, None
+        saved = self.step_state.scratch(self).pop("saved", None)
         if not saved:
             return
         frozen = self.is_frozen(step)

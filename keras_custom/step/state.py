@@ -63,6 +63,7 @@ class StepState:
         self.scope = scope  # JAX: the `keras.StatelessScope` the step runs in
         self.symbolic = symbolic  # Keras builds the model symbolically: no hooks
         self._memo = {}
+        self._scratch = {}
 
     # ----------------------------------------------------------- current state
     @staticmethod
@@ -119,6 +120,17 @@ class StepState:
         for condition in self.skips or ():
             skip = condition if skip is None else ops.logical_or(skip, condition)
         return skip
+
+    # -------------------------------------------------- per-hook scratch space
+    def scratch(self, hook):
+        """A dict that `hook` may use to keep values between its stages of this
+        step (weights before the update, say).
+
+        A hook object is shared by the replicas of a `tf.distribute` strategy,
+        whose threads run the stages in turns: a value kept on the hook itself
+        would be another replica's. Each replica has its own `StepState`.
+        """
+        return self._scratch.setdefault(id(hook), {})
 
     # ------------------------------------------------------------ memoization
     def memo(self, key, tensors, compute):

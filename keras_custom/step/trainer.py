@@ -183,7 +183,7 @@ class Trainer(_keras.SymbolicBuild):
             if name not in klass.__dict__:
                 continue
             module = klass.__module__ or ""
-            if module.startswith(_OWN_MODULE_PREFIX) or klass.__dict__.get("_kc_own"):
+            if module.startswith(_OWN_MODULE_PREFIX):
                 continue
             return not (module == "keras" or module.startswith("keras."))
         return False
@@ -225,14 +225,7 @@ class Trainer(_keras.SymbolicBuild):
         names = {"loss"}
         if pipeline is not None:
             names |= pipeline.compiled_names
-        own = (
-            set()
-            if pipeline is None
-            else {id(t) for t in pipeline.logs.trackers.values()}
-        )
-        for metric in super().metrics:
-            if id(metric) in own:
-                continue
+        for metric in super().metrics:  # Keras's own metrics, not the hooks' logs
             names.add(metric.name)
             if getattr(metric, "built", True):
                 result = metric.result()  # a container's names (`a_mae`, ...)
