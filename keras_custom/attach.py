@@ -48,6 +48,11 @@ def attach(model, hooks):
     assert isinstance(model, keras.Sequential) and "grad_norm" in history.history
     ```
     """
+    if isinstance(model, type) and issubclass(model, _KerasModel):
+        raise TypeError(
+            "attach: `model` must be a keras.Model instance; this is the class "
+            f"{model.__name__}, not a model made from it. Received: model={model!r}"
+        )
     if not isinstance(model, _KerasModel):
         raise TypeError(
             "attach: `model` must be a keras.Model instance (Functional, "
@@ -57,6 +62,7 @@ def attach(model, hooks):
     hooks = validate_hooks(hooks, where="attach")
     if isinstance(model, Trainer):
         model._kc_attach(hooks)
+        _drop_compiled_steps(model)
         return model
     cls = type(model)
     for stage in ("train_step", "test_step"):
@@ -70,12 +76,22 @@ def attach(model, hooks):
                 "`self.optimizer.apply(grads)` (see the guide 'A custom training "
                 f"loop'). Received: model of class {cls.__name__}"
             )
-    model.__class__ = hooked_class(cls)
+    taken = _names_taken(model, cls)
+    if taken:
+        raise TypeError(
+            f"attach: the model (class {cls.__name__}) has its own "
+            f"{', '.join(f'`{n}`' for n in taken)}, which the hooked step uses "
+            "for something else: attaching would hide it. Rename it in the model's "
+            "class, or build the model from `keras_custom.Model`. Received: model "
+            f"of class {cls.__name__}"
+        )
+    _set_class(model, hooked_class(cls))
     try:
         model._kc_attach(hooks)
     except Exception:
-        model.__class__ = cls
+        _set_class(model, cls)
         raise
+    _drop_compiled_steps(model)
     return model
 
 
@@ -111,6 +127,50 @@ def hooked_class(cls):
         )
         _HOOKED[cls] = hooked
     return hooked
+
+
+def _set_class(model, cls):
+    # Not `model.__class__ = cls`: on TensorFlow, Keras's `__setattr__` skips an
+    # assignment whose value `getattr` already returns, and a hooked model's
+    # `__class__` reads its original class (`Trainer.__class__`), so putting the
+    # original class back would silently do nothing.
+    object.__setattr__(model, "__class__", cls)
+
+
+def _drop_compiled_steps(model):
+    """Forgets the train and test functions `fit` and `evaluate` compiled before
+    (`make_train_function` reuses one that exists): the next call traces the
+    hooked step. They are public attributes of every Keras model."""
+    for name in ("train_function", "test_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+
+
+def _names_taken(model, cls):
+    """The names of our step's own API (not `keras.Model`'s) that the model's
+    class or the instance defines: the hooked class would hide them."""
+    taken = []
+    for name in _own_api():
+        if name in model.__dict__ or _defined_by(cls, name) is not None:
+            taken.append(name)
+    return taken
+
+
+_OWN_API = []
+
+
+def _own_api():
+    """Public attributes that our `Trainer` adds to a `keras.Model`."""
+    if not _OWN_API:
+        names = {
+            name
+            for klass in Trainer.__mro__
+            if (klass.__module__ or "").startswith("keras_custom.")
+            for name in vars(klass)
+            if not name.startswith("_")
+        }
+        _OWN_API.extend(sorted(names - set(dir(_KerasModel))))
+    return _OWN_API
 
 
 def _defined_by(cls, name):
