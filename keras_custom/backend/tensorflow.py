@@ -40,6 +40,12 @@ class TensorFlowTrainer(Trainer):
             scaled = loss
             if self.optimizer is not None:
                 scaled = self.optimizer.scale_loss(loss)
+        if not variables:
+            # Without a strategy, Keras builds a model that is not built yet in
+            # the first trace of its step: its variables exist only after this
+            # forward pass (Keras's own step reads them there too). The caller's
+            # list, empty until now, gets them.
+            variables.extend(self.trainable_variables)
         grads = tape.gradient(scaled, variables) if variables else []
         return y_pred, loss, list(grads)
 

@@ -325,8 +325,12 @@ class Trainer(_keras.SymbolicBuild):
         pipeline = self._kc
         if pipeline is not None and pipeline.stage_hooks["check"]:
             args = list(args)
-            if len(args) > 5:  # fit(x, y, batch_size, epochs, verbose, callbacks)
-                args[5] = _with_check(args[5])
+            # Where `callbacks` sits in the `fit` we call: Keras's (x, y,
+            # batch_size, epochs, verbose, callbacks), or that of the class of an
+            # attached model (a KerasHub task's `fit` takes it by keyword only).
+            index = _callbacks_index(super().fit)
+            if index is not None and len(args) > index:
+                args[index] = _with_check(args[index])
             else:
                 kwargs["callbacks"] = _with_check(kwargs.get("callbacks"))
         return super().fit(*args, **kwargs)
@@ -351,7 +355,9 @@ class Trainer(_keras.SymbolicBuild):
         with StepState(self, True, (x, y, sample_weight), **state_kwargs) as state:
             if self._kc_may_roll_back():
                 state.snapshot = self._kc_snapshot(self.non_trainable_variables)
-            variables = self.trainable_variables
+            # A list of our own: the backend may fill it when the forward pass
+            # builds the model (TensorFlow).
+            variables = list(self.trainable_variables)
             y_pred, loss, grads = self._kc_loss_and_grads(x, y, sample_weight, variables)
             self._kc_track_loss(x, loss)
             if variables:
@@ -771,6 +777,24 @@ def _takes_training(method):
             found = True
         _TAKES_TRAINING[func] = found
     return found
+
+
+def _callbacks_index(fit):
+    """The position of `callbacks` among `fit`'s positional parameters, or None."""
+    try:
+        parameters = list(inspect.signature(fit).parameters.values())
+    except (TypeError, ValueError):
+        return 5
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    for i, parameter in enumerate(parameters):
+        if parameter.kind not in positional:
+            return None
+        if parameter.name == "callbacks":
+            return i
+    return None
 
 
 def _with_check(callbacks):
