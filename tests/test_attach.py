@@ -393,6 +393,44 @@ def test_train_on_batch_and_test_on_batch(data):
     assert model.test_on_batch(x[:8], y[:8], return_dict=True)["weight_penalty"] > 0
 
 
+def test_a_fit_with_its_own_signature_gets_the_check_callback(data):
+    """A class whose `fit` orders its parameters differently (a KerasHub task:
+    `fit(x, y, batch_size, sample_weight, validation_data, validation_split,
+    **kwargs)`): `SkipNonFinite(max_consecutive)`'s check still runs, and no
+    positional argument is taken for `callbacks`."""
+    x, y = data
+
+    class TaskLike(keras.Sequential):
+        def fit(
+            self,
+            x=None,
+            y=None,
+            batch_size=None,
+            sample_weight=None,
+            validation_data=None,
+            validation_split=None,
+            **kwargs,
+        ):
+            assert validation_split in (None, 0.25), validation_split
+            return super().fit(
+                x,
+                y,
+                batch_size=batch_size,
+                sample_weight=sample_weight,
+                validation_split=validation_split or 0.0,
+                **kwargs,
+            )
+
+    model = TaskLike([keras.Input((6,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    kc.attach(model, [hooks.SkipNonFinite(max_consecutive=2)])
+    history = model.fit(x, y, 16, None, None, 0.25, verbose=0).history
+    assert "val_loss" in history
+    bad = np.full_like(x, np.nan)
+    with pytest.raises(FloatingPointError, match="2 consecutive steps were skipped"):
+        model.fit(bad, y, 16, None, None, 0.25, verbose=0)
+
+
 # --------------------------------------- what holds for kc.Model holds attached
 @pytest.fixture
 def policy():
