@@ -24,29 +24,42 @@ def attach(model, hooks):
 
     Args:
         model: a `keras.Model` instance of any class (built or not, compiled or
-            not). Its class must not override `train_step` or `test_step` (the
-            hooks run inside the step the model's own class would replace; call
-            `model.apply_hooks(grads)` from such a step instead).
+            not). Its class must not override `train_step` or `test_step`: hooks
+            cannot run inside a step the class writes itself (derive such a class
+            from `keras_custom.Model` and call `self.apply_hooks(grads)` in its
+            step). Nor may it define an attribute the hooked step uses (`hooks`,
+            `apply_hooks`, `forward_pass`, ...).
         hooks: a list of `keras_custom.Hook` instances (run in list order); `[]`
             removes the hooks.
 
     Returns:
-        `model` itself, whose `fit`, `evaluate` and `train_on_batch` now run the
-        hooks, and whose `compile(...)` keeps them unless it passes `hooks=`.
+        `model` itself, whose `fit`, `evaluate`, `train_on_batch` and
+        `test_on_batch` now run the hooks (a step compiled before is traced
+        again), and whose `compile(...)` keeps them unless it passes `hooks=`.
+        `isinstance(model, its_class)` still holds and `model.__class__` is still
+        its class, which its `.keras` files name.
+
+    Raises:
+        TypeError: `model` is not a `keras.Model` instance, its class writes its
+            own step or has an attribute the step would hide, or `hooks` is not
+            a list of hooks.
+        ValueError: a hook already belongs to another model, or is in the list
+            twice.
+
+    In every case the model is left as it was.
 
     Example:
 
-    ```python
-    import keras
-    import numpy as np
-    import keras_custom as kc
-
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    model.compile("sgd", "mse")
-    kc.attach(model, [kc.hooks.ClipByGlobalNorm(1.0), kc.hooks.LogGradNorm()])
-    history = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
-    assert isinstance(model, keras.Sequential) and "grad_norm" in history.history
-    ```
+    >>> import keras
+    >>> import numpy as np
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile("sgd", "mse")
+    >>> hooks = [kc.hooks.ClipByGlobalNorm(1.0), kc.hooks.LogGradNorm()]
+    >>> kc.attach(model, hooks) is model
+    True
+    >>> history = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+    >>> isinstance(model, keras.Sequential), "grad_norm" in history.history
+    (True, True)
     """
     if isinstance(model, type) and issubclass(model, _KerasModel):
         raise TypeError(
@@ -71,10 +84,12 @@ def attach(model, hooks):
             raise TypeError(
                 f"attach: the class {cls.__name__} of `model` overrides `{stage}` "
                 f"(in {owner.__module__}.{owner.__qualname__}); hooks cannot be put "
-                "inside a step the model's own class writes. Call "
-                "`self.apply_hooks(grads)` from that step instead of "
-                "`self.optimizer.apply(grads)` (see the guide 'A custom training "
-                f"loop'). Received: model of class {cls.__name__}"
+                "inside a step the model's own class writes. Either drop the "
+                "override and attach hooks that do its work (guide 'Migrate a "
+                "hand-written train_step'), or keep it, derive the class from "
+                "`keras_custom.Model` and call `self.apply_hooks(grads)` from it "
+                "instead of `self.optimizer.apply(grads)`. Received: model of "
+                f"class {cls.__name__}"
             )
     taken = _names_taken(model, cls)
     if taken:
