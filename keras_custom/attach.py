@@ -9,6 +9,8 @@ the model's own class still holds, `model.__class__` still reads that class, and
 `keras_custom/step/saving.py`).
 """
 
+import warnings
+
 import keras
 
 from keras_custom.backend import Trainer
@@ -74,7 +76,7 @@ def attach(model, hooks):
         )
     hooks = validate_hooks(hooks, where="attach")
     if isinstance(model, Trainer):
-        model._kc_attach(hooks)
+        _install(model, hooks)
         _drop_compiled_steps(model)
         return model
     cls = type(model)
@@ -102,7 +104,7 @@ def attach(model, hooks):
         )
     _set_class(model, hooked_class(cls))
     try:
-        model._kc_attach(hooks)
+        _install(model, hooks)
     except Exception:
         _set_class(model, cls)
         raise
@@ -117,8 +119,33 @@ def attach_restored(model, hooks, accumulation_steps=None):
         accumulator = model._kc.accumulator if model._kc is not None else None
         model._kc_install(tuple(hooks), accumulator)
         return model
-    attach(model, hooks)
+    try:
+        attach(model, hooks)
+    except ValueError as e:
+        # A hook refuses the model as it loads (a pattern that matched LoRA
+        # variables: a KerasHub file holds the kernels with LoRA merged in). The
+        # file still loads, as it would without keras_custom.
+        warnings.warn(
+            "keras_custom: the file's hooks were not restored; the model loads "
+            f"without them (as where keras_custom is not installed). {e}",
+            stacklevel=4,
+        )
+        return model
     if accumulation_steps and getattr(model, "optimizer", None) is not None:
+        if model._kc_overridden_by_user("compile"):
+            # Keras did not compile the model from the file (its class has its
+            # own `compile`): its optimizer is not the saved one, and the saved
+            # accumulators may not fit the variables that train now.
+            warnings.warn(
+                "keras_custom: gradient accumulation "
+                f"(gradient_accumulation_steps={accumulation_steps}) is not "
+                f"restored: {type(model).__name__} overrides `compile`, so Keras "
+                "did not compile it from the file. Compile it again (with "
+                f"gradient_accumulation_steps={accumulation_steps}); the hooks "
+                "stay.",
+                stacklevel=4,
+            )
+            return model
         model._kc_install(
             model._kc.hooks, accumulation.resume(model.optimizer, accumulation_steps)
         )
@@ -142,6 +169,21 @@ def hooked_class(cls):
         )
         _HOOKED[cls] = hooked
     return hooked
+
+
+def _install(model, hooks):
+    """`model._kc_attach(hooks)`; a failure (a hook that refuses the model in its
+    `build`) leaves the model's attributes as they were."""
+    saved = dict(model.__dict__)
+    try:
+        model._kc_attach(hooks)
+    except Exception:
+        for key in list(model.__dict__):
+            if key not in saved:
+                object.__delattr__(model, key)
+        for key, value in saved.items():
+            object.__setattr__(model, key, value)
+        raise
 
 
 def _set_class(model, cls):

@@ -305,3 +305,35 @@ def test_file_loads_without_keras_custom(lora):
     np.testing.assert_array_equal(got, np.load(lora["dir"] / "plain.pred.npy"))
     # (The saved kernels have LoRA merged in: float32 rounding differs.)
     np.testing.assert_allclose(got, lora["prediction"], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_files_whose_hooks_do_not_fit_the_merged_model(keras_hub, tmp_path):
+    """A file keeps LoRA merged into the kernels: hooks chosen by a LoRA pattern,
+    or gradient accumulators sized for the LoRA variables, do not fit the model
+    that loads. It loads all the same (as without keras_custom), with a warning."""
+
+    def lora_task(hook_list, optimizer="adam"):
+        lm = tiny_gpt2(keras_hub)
+        lm.backbone.enable_lora(rank=4)
+        lm.compile(optimizer=optimizer)
+        return kc.attach(lm, hook_list)
+
+    lm = lora_task([hooks.WeightPenalty(l2=1e-3, include="lora")])
+    lm.save(tmp_path / "pattern.keras")
+    with pytest.warns(UserWarning, match="the file's hooks were not restored"):
+        restored = keras.models.load_model(tmp_path / "pattern.keras")
+    assert type(restored) is keras_hub.models.GPT2CausalLM  # plain: no hooks
+
+    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    lm = lora_task([hooks.ClipByGlobalNorm(0.5)], optimizer)
+    assert lm.gradient_accumulation_steps == 2
+    lm.save(tmp_path / "accumulating.keras")
+    with pytest.warns(UserWarning, match="gradient accumulation .* is not restored"):
+        restored = keras.models.load_model(tmp_path / "accumulating.keras")
+    assert [type(h).__name__ for h in restored.hooks] == ["ClipByGlobalNorm"]
+    assert restored.gradient_accumulation_steps is None
+    restored.compile(
+        optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    )  # as the warning says
+    assert restored.gradient_accumulation_steps == 2
+    assert [type(h).__name__ for h in restored.hooks] == ["ClipByGlobalNorm"]
