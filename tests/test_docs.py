@@ -6,7 +6,8 @@ Each block runs on its own: a fresh namespace, a fresh temporary working folder
 subprocess per page (one Keras import per page). Blocks fenced as ```text, ```bash
 or anything but ```python are not run. A block that imports a backend's own
 library (`import tensorflow`, `import jax`, `import torch`) runs only on that
-backend. A failing block is reported with its page and line numbers.
+backend. A block that imports an optional library (`import keras_hub`) runs only
+where it is installed. A failing block is reported with its page and line numbers.
 """
 
 import importlib.util
@@ -58,6 +59,20 @@ def backend_of(code):
     for backend, library in BACKEND_LIBRARY.items():
         if re.search(rf"^\s*(import|from)\s+{library}\b", code, re.MULTILINE):
             return backend
+    return None
+
+
+# Libraries that docs use but the package does not need: a block that imports one
+# runs only where it is installed (keras-hub, in the `test` extra, needs Keras 3.15).
+OPTIONAL_LIBRARIES = ("keras_hub",)
+
+
+def missing_library(code):
+    """The optional library a block imports that is not installed, else None."""
+    for library in OPTIONAL_LIBRARIES:
+        if re.search(rf"^\s*(import|from)\s+{library}\b", code, re.MULTILINE):
+            if importlib.util.find_spec(library) is None:
+                return library
     return None
 
 
@@ -118,6 +133,9 @@ def test_code_blocks_parser():
     assert backend_of("import tensorflow as tf\n") == "tensorflow"
     assert backend_of("from jax import numpy\n") == "jax"
     assert backend_of("import keras  # not tensorflow\n") is None
+    absent = importlib.util.find_spec("keras_hub") is None
+    assert missing_library("import keras_hub\n") == ("keras_hub" if absent else None)
+    assert missing_library("import keras  # keras_hub later\n") is None
 
 
 def test_readme_quick_start_is_executed():
@@ -133,7 +151,7 @@ def _blocks_to_run(page):
     return [
         [relative, line, code]
         for line, code in python_blocks(page)
-        if backend_of(code) in (None, BACKEND)
+        if backend_of(code) in (None, BACKEND) and missing_library(code) is None
     ]
 
 
@@ -193,7 +211,10 @@ def test_python_blocks_run(page, docs_report):
     results, output = docs_report
     blocks = _blocks_to_run(page)
     if not blocks:
-        pytest.skip(f"every python block of {page.name} is for another backend")
+        pytest.skip(
+            f"every python block of {page.name} is for another backend or needs "
+            "an optional library that is not installed"
+        )
     failed = []
     for relative, line, _ in blocks:
         if (relative, line) not in results:

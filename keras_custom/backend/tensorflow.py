@@ -41,6 +41,9 @@ class TensorFlowTrainer(Trainer):
             if self.optimizer is not None:
                 scaled = self.optimizer.scale_loss(loss)
         if variables is None:
+            # Without a strategy, Keras builds a model that is not built yet in
+            # the first trace of its step: its variables exist only after this
+            # forward pass (Keras's own step reads them there too).
             variables = self.trainable_variables
         grads = tape.gradient(scaled, variables) if variables else []
         return y_pred, loss, list(grads), variables

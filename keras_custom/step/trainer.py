@@ -327,8 +327,12 @@ class Trainer(_keras.SymbolicBuild):
             extra.extend(c for hook in pipeline.hooks for c in hook.callbacks())
         if extra:
             args = list(args)
-            if len(args) > 5:  # fit(x, y, batch_size, epochs, verbose, callbacks)
-                args[5] = _with_callbacks(args[5], extra)
+            # Where `callbacks` sits in the `fit` we call: Keras's (x, y,
+            # batch_size, epochs, verbose, callbacks), or that of the class of an
+            # attached model (a KerasHub task's `fit` takes it by keyword only).
+            index = _callbacks_index(super().fit)
+            if index is not None and len(args) > index:
+                args[index] = _with_callbacks(args[index], extra)
             else:
                 kwargs["callbacks"] = _with_callbacks(kwargs.get("callbacks"), extra)
         return super().fit(*args, **kwargs)
@@ -800,6 +804,24 @@ def _takes_training(method):
             found = True
         _TAKES_TRAINING[func] = found
     return found
+
+
+def _callbacks_index(fit):
+    """The position of `callbacks` among `fit`'s positional parameters, or None."""
+    try:
+        parameters = list(inspect.signature(fit).parameters.values())
+    except (TypeError, ValueError):
+        return 5
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    for i, parameter in enumerate(parameters):
+        if parameter.kind not in positional:
+            return None
+        if parameter.name == "callbacks":
+            return i
+    return None
 
 
 def _with_callbacks(callbacks, extra):

@@ -37,11 +37,12 @@ def data():
     return x, y, weights
 
 
-def train(distribution):
+def train(distribution, attached=False):
+    """`attached`: a plain `keras.Sequential` given the hooks by `kc.attach`."""
     keras.distribution.set_distribution(distribution)
     try:
         x, y, weights = data()
-        model = kc.Sequential(
+        model = (keras.Sequential if attached else kc.Sequential)(
             [
                 keras.Input((5,)),
                 keras.layers.Dense(8, activation="relu", name="d1"),
@@ -50,18 +51,19 @@ def train(distribution):
         )
         model.set_weights(weights)
         guard = hooks.SkipNonFinite(max_consecutive=3)
-        model.compile(
-            keras.optimizers.Adam(0.05),
-            "mse",
-            hooks=[
-                hooks.WeightPenalty(l2=1e-2),
-                guard,
-                hooks.GradientNoise(eta=1e-3, seed=7),
-                hooks.LogGradNorm(name="grad_norm_raw"),
-                hooks.ClipByGlobalNorm(0.3),  # active: raw norms are larger
-                hooks.LogGradNorm(),
-            ],
-        )
+        stack = [
+            hooks.WeightPenalty(l2=1e-2),
+            guard,
+            hooks.GradientNoise(eta=1e-3, seed=7),
+            hooks.LogGradNorm(name="grad_norm_raw"),
+            hooks.ClipByGlobalNorm(0.3),  # active: raw norms are larger
+            hooks.LogGradNorm(),
+        ]
+        if attached:
+            model.compile(keras.optimizers.Adam(0.05), "mse")
+            kc.attach(model, stack)
+        else:
+            model.compile(keras.optimizers.Adam(0.05), "mse", hooks=stack)
         history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
         # A bad batch: skipped, counted, on both replicas alike.
         bad = model.train_on_batch(np.full_like(x[:8], np.nan), y[:8], return_dict=True)
@@ -149,3 +151,23 @@ def test_training_recipes_match_one_device():
     assert len(state) == len(single_state) > 0
     for a, b in zip(state, single_state):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attached_model_on_two_devices_matches_one_device():
+    """`kc.attach` on a plain `keras.Sequential`, sharded: the single-device result
+    of the same model built from `kc.Sequential`."""
+    single, single_logs, single_bad, single_state, _ = train(None)
+    dp = keras.distribution.DataParallel(devices=jax.devices("cpu"))
+    model, logs, bad, state, sharding = train(dp, attached=True)
+    assert type(model).__name__ == "Sequential" and isinstance(model, keras.Sequential)
+    assert isinstance(model, keras.Sequential) and hasattr(model, "hooks")
+    assert len(sharding.device_set) == 2
+    assert bad["skipped_steps"] == single_bad["skipped_steps"] == 1.0
+    for got, want in zip(model.get_weights(), single.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert logs.keys() == single_logs.keys()
+    for key in logs:
+        np.testing.assert_allclose(logs[key], single_logs[key], rtol=1e-6)
+    assert len(state) == len(single_state) > 0
+    for a, b in zip(state, single_state):
+        np.testing.assert_array_equal(a, b)

@@ -63,7 +63,9 @@ def build(make_hooks, strategy=None, cls=kc.Model, optimizer=None, seed=0):
         h = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
         model = cls(inputs, keras.layers.Dense(1, name="out")(h))
         kwargs = {} if cls is keras.Model else {"hooks": make_hooks()}
-        model.compile(optimizer or keras.optimizers.SGD(0.1, momentum=0.9), "mse", **kwargs)
+        model.compile(
+            optimizer or keras.optimizers.SGD(0.1, momentum=0.9), "mse", **kwargs
+        )
     return model
 
 
@@ -128,7 +130,9 @@ def test_logging_hooks_report_global_values():
     names = ["LogWeightNorm", "LogLearningRate", "LogUpdateRatio"]
 
     def make():
-        return [hooks.LogGradNorm()] + [getattr(hooks, n)() for n in names if hasattr(hooks, n)]
+        return [hooks.LogGradNorm()] + [
+            getattr(hooks, n)() for n in names if hasattr(hooks, n)
+        ]
 
     single = train(build(make), x, y, epochs=2)
     replicated = train(build(make, mirrored()), x, y, epochs=2)
@@ -140,7 +144,9 @@ def test_logging_hooks_report_global_values():
         loss = tf.reduce_mean(loss)
     grads = tape.gradient(loss, model.trainable_variables)
     first = float(tf.linalg.global_norm(grads))
-    one_step = train(build(lambda: [hooks.LogGradNorm()], mirrored()), x[:BATCH], y[:BATCH])
+    one_step = train(
+        build(lambda: [hooks.LogGradNorm()], mirrored()), x[:BATCH], y[:BATCH]
+    )
     np.testing.assert_allclose(one_step[1]["grad_norm"][0], first, rtol=1e-5)
 
 
@@ -186,6 +192,32 @@ def test_second_pass_is_aggregated():
     assert_same(train(build(make), x, y), train(build(make, mirrored()), x, y))
 
 
+def test_attached_model_matches_single_device():
+    """`kc.attach` on a plain Keras model made under the strategy (its hooks'
+    state is made in the model's strategy scope): the single-device result of the
+    same model built from `kc.Model`, a NaN on one replica skipped on both."""
+    x, y = data(nan_at=28)
+
+    def make():
+        return [
+            hooks.WeightPenalty(l2=0.05),
+            hooks.SkipNonFinite(),
+            hooks.ClipByGlobalNorm(0.3),
+            hooks.LogGradNorm(),
+        ]
+
+    single = train(build(make), x, y, epochs=2)
+    model = build(make, mirrored(), cls=keras.Model)
+    kc.attach(model, make())
+    replicated = train(model, x, y, epochs=2)
+    assert type(model).__name__ == "Functional" and len(model.hooks) == 4
+    assert replicated[1]["skipped_steps"] == [1.0, 1.0]
+    assert_same(single, replicated)
+    for variable in model.trainable_variables + model.optimizer.variables:
+        copies = [v.numpy() for v in variable.value.values]
+        np.testing.assert_array_equal(copies[0], copies[1])
+
+
 def test_plain_keras_clips_per_replica_ours_does_not():
     """The closed-form case of docs/what-hooks-see.md (one weight, w0 = 0)."""
     x = np.ones((2, 1), "float32")
@@ -196,9 +228,13 @@ def test_plain_keras_clips_per_replica_ours_does_not():
             inputs = keras.Input((1,))
             dense = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")
             model = cls(inputs, dense(inputs))
-            model.compile(keras.optimizers.SGD(1.0, **kw), "mse", **(
-                {} if cls is keras.Model else {"hooks": [hooks.ClipByGlobalNorm(1.0)]}
-            ))
+            model.compile(
+                keras.optimizers.SGD(1.0, **kw),
+                "mse",
+                **(
+                    {} if cls is keras.Model else {"hooks": [hooks.ClipByGlobalNorm(1.0)]}
+                ),
+            )
         model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0)
         return float(model.get_weights()[0][0, 0])
 
