@@ -88,6 +88,9 @@ class Hook(_keras.KerasSaveable):
     1. `loss_term`: after the forward pass, inside the gradient tape. The returned
        scalar is added to the loss that is differentiated (and to the loss of the
        test step, so `loss` and `val_loss` measure the same thing).
+       (`compute_gradients`: at most one hook per model may take over how the
+       forward pass, the loss and the gradients are computed, e.g.
+       `DifferentialPrivacy`; the stages after it are the model's as usual.)
     2. `process_gradients`: after the backward pass, before the optimizer. The
        gradients are **unscaled** (a loss scale of mixed precision is undone),
        **aggregated** (summed over replicas: the gradient of the global batch) and,
@@ -125,6 +128,12 @@ class Hook(_keras.KerasSaveable):
     >>> LogPredMean().get_config()["start_step"]
     0
     """
+
+    # Whether `loss_term` reads the batch (`x`, `y`, `y_pred`, `sample_weight`).
+    # A term of the weights alone (a penalty) sets it to False: a hook that clips
+    # each example's gradient (`DifferentialPrivacy`) accepts only such terms,
+    # whose gradient it adds whole, unclipped.
+    loss_term_uses_data = True
 
     def __init__(self, start_step=0, stop_step=None, name=None):
         self._strengths = {}
@@ -168,6 +177,35 @@ class Hook(_keras.KerasSaveable):
         """
         return None
 
+    def compute_gradients(self, model, x, y, sample_weight, variables):
+        """Takes over the forward pass, the loss and the gradients of a train step.
+
+        At most one hook per model may override it (`compile` refuses two), and
+        not with a `start_step`/`stop_step` window. The model then calls it
+        instead of taking the gradients itself; everything after it is the
+        model's as usual: the loss tracker, the sum over replicas, unscaling,
+        gradient accumulation, `process_gradients`, the update, `after_update`.
+        It runs inside the compiled step. The default is what the model does
+        without such a hook, so an override may call
+        `super().compute_gradients(...)` and add to it.
+
+        Args:
+            model: the model.
+            x, y, sample_weight: the batch (this replica's part of it).
+            variables: the variables to differentiate, or `None` for
+                `model.trainable_variables` (read after the forward pass, which
+                may build the model).
+
+        Returns:
+            `(y_pred, loss, grads)`: the predictions, the loss as
+            `model.compute_loss` gives it (compiled loss, `model.losses`, every
+            hook's `loss_term`), and its gradients in the order of `variables`
+            (of the loss scaled by `model.optimizer.scale_loss`, as the model's
+            own gradients are; the model unscales them).
+        """
+        y_pred, loss, grads, _ = model._kc_loss_and_grads(x, y, sample_weight, variables)
+        return y_pred, loss, grads
+
     def process_gradients(self, grads, variables, step):
         """Returns the gradients, transformed, in the order of `variables`.
 
@@ -191,6 +229,16 @@ class Hook(_keras.KerasSaveable):
         hooks that override it are checked, so the host does not wait for the
         device when no hook needs to.
         """
+
+    def fit_callbacks(self, model):
+        """Keras callbacks this hook needs while `model.fit` runs (default: none).
+
+        They run before the user's callbacks, `History` and the progress bar, so a
+        value one of them adds to the epoch's logs in `on_epoch_end` (computed in
+        Python, say, as `DifferentialPrivacy` computes `epsilon`) reaches
+        `History`, `CSVLogger`, `TensorBoard` and `EarlyStopping`.
+        """
+        return []
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -6,7 +6,8 @@ step and the two steps themselves. A train step runs:
 
 1. `forward_pass(x, training)`
 2. `compute_loss(...)`: the compiled loss, `model.losses` and every hook's loss term
-3. the gradients (`_kc_loss_and_grads`, the backend's part)
+3. the gradients (`_kc_loss_and_grads`, the backend's part), or stages 1-3 by the
+   one hook that takes them over (`Hook.compute_gradients`)
 4. `process_gradients(grads, variables, step)`: every hook, in list order
 5. `apply_update(grads, variables, step)`: the optimizer, unless a hook asked to skip
 6. `after_update(step)`: every hook, in list order
@@ -327,12 +328,19 @@ class Trainer(_keras.SymbolicBuild):
 
     def fit(self, *args, **kwargs):
         pipeline = self._kc
-        if pipeline is not None and pipeline.stage_hooks["check"]:
+        first = []
+        if pipeline is not None:
+            for hook in pipeline.hooks:
+                first.extend(hook.fit_callbacks(self))
+        if pipeline is not None and (first or pipeline.stage_hooks["check"]):
+            check = bool(pipeline.stage_hooks["check"])
             args = list(args)
             if len(args) > 5:  # fit(x, y, batch_size, epochs, verbose, callbacks)
-                args[5] = _with_check(args[5])
+                args[5] = _with_callbacks(args[5], first, check)
             else:
-                kwargs["callbacks"] = _with_check(kwargs.get("callbacks"))
+                kwargs["callbacks"] = _with_callbacks(
+                    kwargs.get("callbacks"), first, check
+                )
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
@@ -355,7 +363,7 @@ class Trainer(_keras.SymbolicBuild):
         with StepState(self, True, (x, y, sample_weight), **state_kwargs) as state:
             if self._kc_may_roll_back():
                 state.snapshot = self._kc_snapshot(self.non_trainable_variables)
-            y_pred, loss, grads, variables = self._kc_loss_and_grads(x, y, sample_weight)
+            y_pred, loss, grads, variables = self._kc_gradients(x, y, sample_weight)
             self._kc_track_loss(x, loss)
             if variables:
                 self._kc_update(state, loss, grads, variables)
@@ -382,6 +390,28 @@ class Trainer(_keras.SymbolicBuild):
                 pipeline.logs.claim(owner, name, pipeline.logs.reductions[name], reserved)
             pipeline.names_checked = True
         return logs
+
+    def _kc_gradients(self, x, y, sample_weight, variables=None):
+        """Stages 1-3: the backend's `_kc_loss_and_grads`, or the `compute_gradients`
+        of the hook that takes them over. Returns `(y_pred, loss, grads,
+        variables)`."""
+        pipeline = self._kc
+        hook = None if pipeline is None else pipeline.gradient_hook
+        if hook is None:
+            return self._kc_loss_and_grads(x, y, sample_weight, variables)
+        state = StepState.current()
+        if state is not None:
+            state.gradient_hook = hook
+        y_pred, loss, grads = hook.compute_gradients(self, x, y, sample_weight, variables)
+        if variables is None:
+            variables = self.trainable_variables
+        grads = list(grads)
+        if len(grads) != len(variables):
+            raise ValueError(
+                f"{type(hook).__name__}.compute_gradients must return one gradient "
+                f"per variable ({len(variables)}). Received: {len(grads)}"
+            )
+        return y_pred, self._kc_detach(loss), grads, list(variables)
 
     def _kc_may_roll_back(self):
         """Whether a step must keep what a skipped update restores."""
@@ -683,9 +713,7 @@ class Trainer(_keras.SymbolicBuild):
             variables = self.trainable_variables
         x, y, sample_weight = state.batch
         with state.scoped(objective=objective, muted=True):
-            _, loss, grads, _ = self._kc_loss_and_grads(
-                x, y, sample_weight, list(variables)
-            )
+            _, loss, grads, _ = self._kc_gradients(x, y, sample_weight, list(variables))
         grads, loss = self._kc_aggregate(list(grads), loss)
         return loss_scale.unscale(self.optimizer, grads), loss
 
@@ -723,6 +751,40 @@ class Trainer(_keras.SymbolicBuild):
         gradients of the scaled loss with respect to `variables` (default: the
         trainable variables, read after the forward pass, which may build the
         model)."""
+        raise NotImplementedError
+
+    def _kc_grad_wrt(self, fn, variables=()):
+        """Backend: one backward pass through `fn`, for gradients with respect to
+        variables and to tensors computed inside `fn`.
+
+        `fn(tap)` returns `(value, aux)`: a scalar and any structure of tensors
+        it wants back. Inside it, `tap(t)` returns `t` (or an equal tensor) and
+        marks `t` as a tensor whose gradient is wanted. On JAX only function
+        arguments can be differentiated, so `fn` runs twice while tracing (once
+        to find the tapped tensors' shapes, once for the backward pass) and the
+        tensors in `aux` are those of the second run: use them, not tensors kept
+        from inside `fn`. What `fn` assigns to variables stays assigned.
+
+        Returns:
+            `(value, aux, variable_grads, tap_grads)`: the gradients of `value`
+            with respect to `variables` and to each tapped tensor, in tap order
+            (zeros where `value` does not depend on one); `value` and `aux`
+            are cut from any gradient computation.
+        """
+        raise NotImplementedError
+
+    def _kc_vectorize(self, fn):
+        """Backend: `fn` mapped over the leading axis of every argument
+        (`jax.vmap`, `tf.vectorized_map`, `torch.func.vmap`). `fn` must not
+        assign variables; the random numbers it draws are not independent
+        per example."""
+        raise NotImplementedError
+
+    def _kc_vjp(self, fn, primals, cotangents):
+        """Backend: the vector-Jacobian product of `fn` (a function of a list of
+        tensors, returning tensors) at `primals`: the gradients of
+        `sum(fn(primals) * cotangents)` with respect to each of `primals`.
+        Works inside `_kc_vectorize`."""
         raise NotImplementedError
 
     def _kc_aggregate(self, grads, loss):
@@ -804,12 +866,16 @@ def _takes_training(method):
     return found
 
 
-def _with_check(callbacks):
+def _with_callbacks(callbacks, first, check):
+    """The user's callbacks, with the hooks' own (`Hook.fit_callbacks`) before them
+    and `_CheckHooks` after them when a hook has a `check`."""
     if isinstance(callbacks, keras.callbacks.CallbackList):
-        if not any(isinstance(c, _CheckHooks) for c in callbacks.callbacks):
+        for callback in reversed(first):
+            _keras.prepend_callback(callbacks, callback)
+        if check and not any(isinstance(c, _CheckHooks) for c in callbacks.callbacks):
             _keras.append_callback(callbacks, _CheckHooks())
         return callbacks
-    callbacks = list(callbacks or [])
-    if not any(isinstance(c, _CheckHooks) for c in callbacks):
+    callbacks = list(first) + list(callbacks or [])
+    if check and not any(isinstance(c, _CheckHooks) for c in callbacks):
         callbacks.append(_CheckHooks())
     return callbacks
