@@ -58,7 +58,7 @@ class TensorFlowTrainer(Trainer):
             value, aux = fn(tap)
         grads = tape.gradient(
             value,
-            variables + tapped,
+            [v.value for v in variables] + tapped,  # tf.Variables: zeros need a DType
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
         grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense
