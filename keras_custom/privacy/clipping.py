@@ -227,6 +227,7 @@ def clipped_gradient_sum(
     def forward(tap):
         with capture.recording(plan, tap) as recorder:
             y_pred = model.forward_pass(x, training=True)
+        _check_no_batch_losses(model, owner)
         losses = per_example_losses(model, y, y_pred, sample_weight, owner)
         found["recorder"] = recorder
         saved = [call.saved for call in recorder.calls]
@@ -276,6 +277,23 @@ def clipped_gradient_sum(
             grad = ops.zeros(tuple(v.shape), "float32")
         out.append(ops.reshape(grad, tuple(v.shape)))
     return ClipResult(y_pred, out, norms, losses)
+
+
+def _check_no_batch_losses(model, owner):
+    """Refuses losses a layer added during the forward pass (`add_loss`, activity
+    regularizers): they are computed from the batch, and their gradient would not
+    be clipped per example. Weight regularizers are not among them."""
+    regularized = sum(
+        1 for v in model.trainable_weights if getattr(v, "regularizer", None) is not None
+    )
+    added = len(model.losses) - regularized
+    if added > 0:
+        raise ValueError(
+            f"{owner}: layers added {added} loss term(s) computed from the batch "
+            "during the forward pass (`add_loss`, activity regularizers); their "
+            "gradient would not be clipped per example. Return them as part of the "
+            "model's loss per example, or remove them."
+        )
 
 
 def _own(call):
