@@ -219,6 +219,7 @@ class DifferentialPrivacy(Hook):
         self.seed_generator = None
         self._epsilons = {}
         self._warned = set()
+        self._plans = {}
 
     # ------------------------------------------------------------------- build
     def build(self, model):
@@ -297,25 +298,8 @@ class DifferentialPrivacy(Hook):
                 f"{label}: models with several outputs are not supported yet. "
                 f"Received: a model with {len(outputs)} outputs"
             )
+        self._check_layers(model)
         layers = _keras.sublayers(model)
-        mixing = capture.trainable_batch_normalization(layers)
-        if mixing:
-            raise ValueError(
-                f"{label}: BatchNormalization mixes the examples of a batch (its "
-                "statistics), so an example's gradient is not its own. Use "
-                "LayerNormalization or GroupNormalization, or freeze the layers "
-                "(`trainable = False`: they then run in inference mode). Received: "
-                f"trainable BatchNormalization layers {[x.name for x in mixing]}"
-            )
-        regularized = [
-            x.name for x in layers if getattr(x, "activity_regularizer", None) is not None
-        ]
-        if regularized:
-            raise ValueError(
-                f"{label}: activity regularizers add a loss term computed from the "
-                "batch, whose gradient would not be clipped per example. Received: "
-                f"activity_regularizer on layers {regularized}"
-            )
         low = sorted(
             {
                 x.name
@@ -324,12 +308,14 @@ class DifferentialPrivacy(Hook):
                 or getattr(x, "variable_dtype", "float32") != "float32"
             }
         )
-        if low or loss_scale.is_scaled(getattr(model, "optimizer", None)):
+        found = [f"layers {low} not in float32"] if low else []
+        if loss_scale.is_scaled(getattr(model, "optimizer", None)):
+            found.append("a LossScaleOptimizer")
+        if found:
             raise ValueError(
                 f"{label}: mixed precision and loss scaling are not supported: "
                 "clipping and noise need float32. Use the 'float32' dtype policy. "
-                f"Received: layers {low} not in float32"
-                + (", a LossScaleOptimizer" if not low else "")
+                f"Received: {', '.join(found)}"
             )
         if model.gradient_accumulation_steps is not None:
             raise ValueError(
@@ -360,6 +346,30 @@ class DifferentialPrivacy(Hook):
                     f"compiled metric or another hook). Received: name={LOG_NAME!r}"
                 )
 
+    def _check_layers(self, model):
+        """Refuses layers that mix examples or add loss terms from the batch (at
+        build, and again when the trainable variables change)."""
+        label = self._label()
+        layers = _keras.sublayers(model)
+        mixing = capture.trainable_batch_normalization(layers)
+        if mixing:
+            raise ValueError(
+                f"{label}: BatchNormalization mixes the examples of a batch (its "
+                "statistics), so an example's gradient is not its own. Use "
+                "LayerNormalization or GroupNormalization, or freeze the layers "
+                "(`trainable = False`: they then run in inference mode). Received: "
+                f"trainable BatchNormalization layers {[x.name for x in mixing]}"
+            )
+        regularized = [
+            x.name for x in layers if getattr(x, "activity_regularizer", None) is not None
+        ]
+        if regularized:
+            raise ValueError(
+                f"{label}: activity regularizers add a loss term computed from the "
+                "batch, whose gradient would not be clipped per example. Received: "
+                f"activity_regularizer on layers {regularized}"
+            )
+
     # ----------------------------------------------------------------- the step
     def compute_gradients(self, model, x, y, sample_weight, variables):
         label = self._label()
@@ -388,6 +398,7 @@ class DifferentialPrivacy(Hook):
             list(variables),
             fast=self.method == "fast",
             owner=label,
+            plan=self._plan(model),
         )
         divisor = self._divisor(model, x)
         grads = [ops.divide(s, divisor) for s in result.sums]
@@ -427,6 +438,19 @@ class DifferentialPrivacy(Hook):
         size = ops.cast(model._kc_batch_size(x), "int32")
         self.largest_batch.assign(ops.maximum(self.largest_batch.value, size))
         return grads
+
+    def _plan(self, model):
+        """The model's `capture.Plan`, made again when its trainable variables
+        change (a step on PyTorch is eager: this saves the walk through the
+        layers at every step)."""
+        key = tuple(id(v) for v in model.trainable_variables)
+        if self._plans.get("key") != key:
+            self._check_layers(model)
+            self._plans = {
+                "key": key,
+                "plan": capture.Plan(model, fast=self.method == "fast"),
+            }
+        return self._plans["plan"]
 
     def _divisor(self, model, x):
         if self.expected_batch_size is not None:

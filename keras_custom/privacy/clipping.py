@@ -200,7 +200,7 @@ def per_example_gradients(model, variables, x, y, sample_weight):
 
 
 def clipped_gradient_sum(
-    model, x, y, sample_weight, l2_norm_clip, variables, fast=True, owner=None
+    model, x, y, sample_weight, l2_norm_clip, variables, fast=True, owner=None, plan=None
 ):
     """`sum_i c_i * grad_i` for each of `variables`; call it inside a train step.
 
@@ -212,6 +212,7 @@ def clipped_gradient_sum(
         fast: `False` computes every per-example gradient by the vectorized
             fallback (the plain method, for checks and benchmarks).
         owner: the name errors begin with (default `"DifferentialPrivacy"`).
+        plan: a `capture.Plan` of the model made earlier (default: a new one).
 
     Returns:
         A `ClipResult`.
@@ -221,7 +222,7 @@ def clipped_gradient_sum(
             `per_example_losses`; random layers with the global fallback).
     """
     owner = owner or "DifferentialPrivacy"
-    plan = capture.Plan(model, fast=fast)
+    plan = plan or capture.Plan(model, fast=fast)
     found = {}
 
     def forward(tap):

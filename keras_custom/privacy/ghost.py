@@ -290,6 +290,10 @@ def dense_sq_norms(a, g, use_bias=True, method="auto"):
 
 def dense_clipped_grads(a, g, c, use_bias=True):
     """`(kernel_grad, bias_grad or None)` of `sum_i c_i * loss_i` for a Dense."""
+    if len(a.shape) == 2:  # the einsum below, as one matrix product (faster eagerly)
+        g = ops.cast(g, "float32") * _batch_scale(c, 2)
+        kernel_grad = ops.matmul(ops.transpose(ops.cast(a, "float32")), g)
+        return kernel_grad, (ops.sum(g, axis=0) if use_bias else None)
     return einsum_clipped_grads(
         dense_equation(len(a.shape)), a, g, c, "Z" if use_bias else None
     )
