@@ -283,6 +283,10 @@ def dense_sq_norms(a, g, use_bias=True, method="auto"):
     >>> float(dense_sq_norms(a, g)[0])          # kernel 25 * 1, bias 1
     26.0
     """
+    if len(a.shape) == 2 and method == "auto":  # the Gram form, without einsum
+        g_sq = ops.sum(ops.square(ops.cast(g, "float32")), axis=1)
+        a_sq = ops.sum(ops.square(ops.cast(a, "float32")), axis=1)
+        return a_sq * g_sq + g_sq if use_bias else a_sq * g_sq
     return einsum_sq_norms(
         dense_equation(len(a.shape)), a, g, "Z" if use_bias else None, method
     )
