@@ -206,16 +206,21 @@ def optimizer_slots(optimizer, variable):
 # ---------------------------------------------------------------------------------
 
 
-def append_callback(callbacks, callback):
-    """Appends `callback` to a `keras.callbacks.CallbackList` the user passed.
+def insert_callback(callbacks, index, callback):
+    """Inserts `callback` at `index` in a `keras.callbacks.CallbackList` the user
+    passed (a hook's callbacks go first, so that what they add to the epoch's logs
+    reaches the callbacks after them).
 
     The callback must run in the training thread (it may raise to stop `fit`):
     Keras 3.15 may dispatch batch-end callbacks asynchronously, decided when the
-    list was made, so the list is told not to.
+    list was made (the private `_async_train`, absent before 3.15), so the list is
+    told not to. Checked on Keras 3.12-3.15.
     """
     if callbacks.model is not None:
         callback.set_model(callbacks.model)
-    callbacks.callbacks.append(callback)
+    if callbacks.params:
+        callback.set_params(callbacks.params)
+    callbacks.callbacks.insert(index, callback)
     if hasattr(callbacks, "_async_train"):
         callbacks._async_train = False
 
@@ -444,3 +449,126 @@ def tf_already_reduced(optimizer):
     finally:
         for opt in optimizers:
             object.__setattr__(opt, "_kc_reduced", opt._kc_reduced - 1)
+
+
+# ---------------------------------------------------------------------------------
+# Per-example gradients (keras_custom.privacy). Checked on Keras 3.12-3.15 (the
+# PyTorch entry on 3.15: the JAX-only test set-up of 3.12 has no PyTorch).
+# ---------------------------------------------------------------------------------
+
+
+def compiled_loss(model):
+    """The `CompileLoss` that `compile(loss=...)` made (`None` without a loss).
+
+    A per-example loss is this loss on a batch of one; Keras has no public handle
+    on it (`model.compute_loss` also adds `model.losses`, which are not
+    per-example terms).
+    """
+    return getattr(model, "_compile_loss", None)
+
+
+def compiled_loss_entries(compile_loss, y, y_pred):
+    """The `(path, loss, loss_weight)` of each output's loss in a `CompileLoss`,
+    built for `y`, `y_pred` if it is not yet (Keras builds it at the first call).
+    Keras keeps them in `_flat_losses` (a list of named tuples whose first three
+    fields are these on 3.12-3.15)."""
+    if not compile_loss.built:
+        compile_loss.build(y, y_pred)
+    return [tuple(entry)[:3] for entry in compile_loss._flat_losses]
+
+
+def keras_mask(x):
+    """The Keras mask a tensor carries (`None` if none): masked outputs reweight the
+    loss by batch-level counts, so an example's loss is not one of a batch of one."""
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(x)
+
+
+def squeeze_or_expand_to_same_rank(x1, x2):
+    """How `keras.losses.Loss` lines up the sample weights with the loss values
+    (the rule a per-example loss must follow to equal Keras's)."""
+    from keras.src.losses.loss import squeeze_or_expand_to_same_rank as same_rank
+
+    return same_rank(x1, x2)
+
+
+def own_trainable_variables(layer):
+    """The trainable variables `layer` created itself (not its sublayers'):
+    Keras keeps them in `layer._trainable_variables`."""
+    own = {id(v) for v in layer._trainable_variables}
+    return [v for v in layer.trainable_variables if id(v) in own]
+
+
+def sublayers(layer):
+    """Every layer inside `layer`, recursively (not `layer`). `layer.layers` lists
+    only the direct ones of a model, and layers nested in layers (the projections
+    of `MultiHeadAttention`) are only in `_flatten_layers`."""
+    return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def runs_its_own_call(layer, cls):
+    """Whether `layer` is a `cls` that computes exactly `cls.call`: no subclass
+    override, no LoRA, no quantization, no rematerialization (what a rule that
+    recomputes the layer's math, such as a ghost norm, assumes)."""
+    return (
+        isinstance(layer, cls)
+        and type(layer).call is cls.call
+        and not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+        and getattr(layer, "_remat_mode", None) is None
+    )
+
+
+@contextlib.contextmanager
+def calls_replaced(replacements):
+    """Replaces the `call` of given layer objects (not of their class) while inside.
+
+    `replacements` is a list of `(layer, function)`. Keras's `Layer.__call__` (and
+    `Operation.__call__`, through which a functional model and a layer's own
+    sublayers are called) looks `call` up on the object, so an instance attribute
+    runs instead of the class's method for that object only, on every backend.
+    `object.__setattr__` keeps Keras's attribute tracking (and PyTorch's
+    `nn.Module.__setattr__`) out of it; on exit the attributes are deleted and the
+    layers are as before. Nothing else offers a per-object, per-call hook that
+    sees the layer's inputs on all backends.
+    """
+    done = []
+    try:
+        for layer, fn in replacements:
+            previous = layer.__dict__.get("call", _MISSING)
+            object.__setattr__(layer, "call", fn)
+            done.append((layer, previous))
+        yield
+    finally:
+        for layer, previous in reversed(done):
+            if previous is _MISSING:
+                del layer.__dict__["call"]
+            else:
+                object.__setattr__(layer, "call", previous)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def torch_vmap_safe():
+    """Lets `torch.func.vmap` run Keras's PyTorch convolutions.
+
+    Keras converts a convolution's input and kernel to the `channels_last` memory
+    format (`keras/src/backend/torch/nn.py`, `_maybe_convert_to_channels_last`, a
+    speed-up that keeps every value); `torch.func.vmap` refuses
+    `Tensor.contiguous(memory_format=...)` ("NYI"). Inside, the conversion is the
+    identity. Checked on Keras 3.15 with PyTorch 2.13.
+    """
+    from keras.src.backend.torch import nn as torch_nn
+
+    original = getattr(torch_nn, "_maybe_convert_to_channels_last", None)
+    if original is None:
+        yield
+        return
+    torch_nn._maybe_convert_to_channels_last = lambda tensor: tensor
+    try:
+        yield
+    finally:
+        torch_nn._maybe_convert_to_channels_last = original

@@ -88,6 +88,9 @@ class Hook(_keras.KerasSaveable):
     1. `loss_term`: after the forward pass, inside the gradient tape. The returned
        scalar is added to the loss that is differentiated (and to the loss of the
        test step, so `loss` and `val_loss` measure the same thing).
+       (`compute_gradients`: at most one hook per model may take over how the
+       forward pass, the loss and the gradients are computed, e.g.
+       `DifferentialPrivacy`; the stages after it are the model's as usual.)
     2. `process_gradients`: after the backward pass, before the optimizer. The
        gradients are **unscaled** (a loss scale of mixed precision is undone),
        **aggregated** (summed over replicas: the gradient of the global batch) and,
@@ -128,6 +131,12 @@ class Hook(_keras.KerasSaveable):
     >>> LogPredMean().get_config()["start_step"]
     0
     """
+
+    # Whether `loss_term` reads the batch (`x`, `y`, `y_pred`, `sample_weight`).
+    # A term of the weights alone (a penalty) sets it to False: a hook that clips
+    # each example's gradient (`DifferentialPrivacy`) accepts only such terms,
+    # whose gradient it adds whole, unclipped.
+    loss_term_uses_data = True
 
     def __init__(self, start_step=0, stop_step=None, name=None):
         self._strengths = {}
@@ -171,6 +180,35 @@ class Hook(_keras.KerasSaveable):
         """
         return None
 
+    def compute_gradients(self, model, x, y, sample_weight, variables):
+        """Takes over the forward pass, the loss and the gradients of a train step.
+
+        At most one hook per model may override it (`compile` refuses two), and
+        not with a `start_step`/`stop_step` window. The model then calls it
+        instead of taking the gradients itself; everything after it is the
+        model's as usual: the loss tracker, the sum over replicas, unscaling,
+        gradient accumulation, `process_gradients`, the update, `after_update`.
+        It runs inside the compiled step. The default is what the model does
+        without such a hook, so an override may call
+        `super().compute_gradients(...)` and add to it.
+
+        Args:
+            model: the model.
+            x, y, sample_weight: the batch (this replica's part of it).
+            variables: the variables to differentiate, or `None` for
+                `model.trainable_variables` (read after the forward pass, which
+                may build the model).
+
+        Returns:
+            `(y_pred, loss, grads)`: the predictions, the loss as
+            `model.compute_loss` gives it (compiled loss, `model.losses`, every
+            hook's `loss_term`), and its gradients in the order of `variables`
+            (of the loss scaled by `model.optimizer.scale_loss`, as the model's
+            own gradients are; the model unscales them).
+        """
+        y_pred, loss, grads, _ = model._kc_loss_and_grads(x, y, sample_weight, variables)
+        return y_pred, loss, grads
+
     def process_gradients(self, grads, variables, step):
         """Returns the gradients, transformed, in the order of `variables`.
 
@@ -196,12 +234,16 @@ class Hook(_keras.KerasSaveable):
         """
 
     def callbacks(self):
-        """Keras callbacks that `fit` adds after the user's callbacks.
+        """Keras callbacks that `fit` runs before the user's callbacks.
 
         For what a hook does at the level of `fit` rather than of a step: around
         validation (`on_test_begin`/`on_test_end`), at the end of training
-        (`on_train_end`), ... They run in Python, outside the compiled step, and
-        only in `fit` (not in `train_on_batch`, `evaluate` called on its own, or a
+        (`on_train_end`), a value computed in Python at an epoch's end (as
+        `DifferentialPrivacy` computes `epsilon`)... They run before the user's
+        callbacks, `History` and the progress bar, so what one adds to the
+        epoch's logs reaches `History`, `CSVLogger`, `TensorBoard` and
+        `EarlyStopping`. They run in Python, outside the compiled step, and only
+        in `fit` (not in `train_on_batch`, `evaluate` called on its own, or a
         hand-written loop). `fit` calls this once per call; return the same
         instances each time (a `keras.callbacks.CallbackList` the user passes to
         several `fit` calls gets each instance once). The default: none.

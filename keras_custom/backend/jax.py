@@ -9,7 +9,9 @@ reads or assigns a variable works as it does on TensorFlow; the new values are
 collected when the scope closes. Three things differ from the shared code:
 
 - the gradients: `jax.value_and_grad` of a pure function of the differentiated
-  values, with a nested scope for the forward pass and the loss;
+  values, with a nested scope for the forward pass and the loss (`_kc_grad_wrt`
+  does the same for any function, and for tensors computed inside it through
+  zeros added to them, "taps", which are arguments);
 - `_kc_cond` runs both branches from the same state and keeps each variable's
   value from the selected one, with `where` (an assignment inside a `lax.cond`
   branch would leak a tracer out of it);
@@ -199,6 +201,61 @@ class JAXTrainer(Trainer, _keras.JAXState):
             variable.assign(value)
         return y_pred, loss, list(grads), targets
 
+    def _kc_grad_wrt(self, fn, variables=()):
+        """`jax.vjp` of a pure function of the variables' values and of "taps":
+        zeros added to the tensors `fn` taps, whose shapes a first, abstract run
+        (`jax.eval_shape`, while tracing only) finds. As in `_kc_loss_and_grads`,
+        `fn` runs in a nested scope and what it assigns comes back."""
+        outer = StepState.current().scope if StepState.current() else None
+        if outer is None:
+            raise RuntimeError(
+                "JAX backend: gradients are taken in a step's `keras.StatelessScope` "
+                "(as `fit` and `train_on_batch` run it)."
+            )
+        targets = list(variables)
+        target_ids = {id(v) for v in targets}
+        refs = [
+            v
+            for v in _unique(self._kc_all_variables() + list(self.metrics_variables))
+            if id(v) not in target_ids
+        ]
+        current = [_value_in(outer, v) for v in refs]
+        touched = []
+
+        def pure(target_values, tap):
+            mapping = list(zip(refs, current)) + list(zip(targets, target_values))
+            with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as s:
+                value, aux = fn(tap)
+            touched[:] = [v for v in refs if id(v) in s.state_mapping]
+            return value, (aux, [s.get_current_value(v) for v in touched])
+
+        shapes = []
+
+        def record(t):
+            shapes.append(jax.ShapeDtypeStruct(t.shape, t.dtype))
+            return t
+
+        start = [_value_in(outer, v) for v in targets]
+        jax.eval_shape(lambda values: pure(values, record)[0], start)
+
+        def with_taps(target_values, taps):
+            position = iter(range(len(taps)))
+            return pure(target_values, lambda t: t + taps[next(position)])
+
+        taps = [jax.numpy.zeros(s.shape, s.dtype) for s in shapes]
+        value, vjp_fn, (aux, updates) = jax.vjp(with_taps, start, taps, has_aux=True)
+        variable_grads, tap_grads = vjp_fn(jax.numpy.ones_like(value))
+        for variable, new in zip(touched, updates):
+            variable.assign(new)
+        return value, aux, list(variable_grads), list(tap_grads)
+
+    def _kc_vectorize(self, fn):
+        return jax.vmap(fn)
+
+    def _kc_vjp(self, fn, primals, cotangents):
+        _, vjp_fn = jax.vjp(fn, list(primals))
+        return list(vjp_fn(cotangents)[0])
+
     def _kc_snapshot(self, variables):
         # Values in a stateless scope are immutable arrays: no copy needed.
         return [(v, v.value) for v in variables]
@@ -255,6 +312,16 @@ class JAXTrainer(Trainer, _keras.JAXState):
                 )
             scope.state_mapping[key] = ops.where(pred, on_true, on_false)
         return None
+
+
+def _unique(variables):
+    seen = set()
+    out = []
+    for v in variables:
+        if id(v) not in seen:
+            seen.add(id(v))
+            out.append(v)
+    return out
 
 
 def _value_in(scope, variable):

@@ -48,6 +48,44 @@ class TensorFlowTrainer(Trainer):
         grads = tape.gradient(scaled, variables) if variables else []
         return y_pred, loss, list(grads), variables
 
+    def _kc_grad_wrt(self, fn, variables=()):
+        """A tape around `fn`: it differentiates the tapped tensors directly."""
+        tapped = []
+
+        def tap(t):
+            tapped.append(t)
+            return t
+
+        variables = list(variables)
+        with tf.GradientTape() as tape:
+            value, aux = fn(tap)
+        grads = tape.gradient(
+            value,
+            [v.value for v in variables] + tapped,  # tf.Variables: zeros need a DType
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        grads = [tf.convert_to_tensor(g) for g in grads]  # IndexedSlices -> dense
+        # (A later tape takes `value` and `aux` as constants: nothing to cut.)
+        return value, aux, grads[: len(variables)], grads[len(variables) :]
+
+    def _kc_vectorize(self, fn):
+        def vectorized(*args):
+            return tf.vectorized_map(lambda batch: fn(*batch), args)
+
+        return vectorized
+
+    def _kc_vjp(self, fn, primals, cotangents):
+        primals = [tf.convert_to_tensor(p) for p in primals]
+        with tf.GradientTape() as tape:
+            tape.watch(primals)
+            out = fn(primals)
+        return tape.gradient(
+            out,
+            primals,
+            output_gradients=cotangents,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
     def _kc_batch_size(self, x):
         # The batch dimension may be unknown while tracing: read it at run time.
         first = next(i for i in tf.nest.flatten(x) if i is not None)

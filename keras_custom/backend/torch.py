@@ -12,7 +12,9 @@ be copied (`_kc_step`, `_kc_snapshot` do).
 """
 
 import torch
+from keras import tree
 
+from keras_custom import _keras
 from keras_custom.step.trainer import Trainer
 
 
@@ -35,6 +37,46 @@ class TorchTrainer(Trainer):
                     )
                 )
         return y_pred, loss.detach(), grads, variables
+
+    def _kc_grad_wrt(self, fn, variables=()):
+        """`torch.autograd.grad` with respect to the variables and the tapped
+        tensors only: autograd computes no other gradient."""
+        tapped = []
+
+        def tap(t):
+            tapped.append(t)
+            return t
+
+        with torch.enable_grad():
+            value, aux = fn(tap)
+            inputs = [v.value for v in variables] + tapped
+            wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+            found = []
+            if wanted and value.requires_grad:
+                found = torch.autograd.grad(
+                    value, [inputs[i] for i in wanted], allow_unused=True
+                )
+        grads = [None] * len(inputs)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+        value, aux = tree.map_structure(_detached, (value, aux))
+        n = len(variables)
+        return value, aux, grads[:n], grads[n:]
+
+    def _kc_vectorize(self, fn):
+        mapped = torch.func.vmap(fn)
+
+        def vectorized(*args):
+            with _keras.torch_vmap_safe():
+                return mapped(*args)
+
+        return vectorized
+
+    def _kc_vjp(self, fn, primals, cotangents):
+        with torch.enable_grad():
+            _, vjp_fn = torch.func.vjp(fn, list(primals))
+            return list(vjp_fn(cotangents)[0])
 
     def _kc_update(self, state, loss, grads, variables):
         with torch.no_grad():
@@ -63,3 +105,7 @@ class TorchTrainer(Trainer):
         if isinstance(value, torch.Tensor) and value.requires_grad:
             return value.detach()
         return value
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value

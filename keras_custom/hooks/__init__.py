@@ -36,6 +36,7 @@ from keras_custom.hooks.noise import add_gradient_noise as add_gradient_noise
 from keras_custom.hooks.noise import noise_stddev as noise_stddev
 from keras_custom.hooks.penalties import WeightPenalty as WeightPenalty
 from keras_custom.hooks.penalties import weight_penalty as weight_penalty
+from keras_custom.hooks.privacy import DifferentialPrivacy as DifferentialPrivacy
 from keras_custom.hooks.sam import SharpnessAware as SharpnessAware
 from keras_custom.hooks.sam import sam_perturbation as sam_perturbation
 from keras_custom.hooks.staging import Freeze as Freeze

@@ -77,6 +77,9 @@ class WeightPenalty(Hook):
     0.0001
     """
 
+    # A term of the weights alone: `DifferentialPrivacy` adds its gradient whole.
+    loss_term_uses_data = False
+
     l1 = Strength(minimum=0.0, inclusive=True, zero_drops="L1 term")
     l2 = Strength(minimum=0.0, inclusive=True, zero_drops="L2 term")
 

@@ -11,7 +11,7 @@ from keras_custom.hook import Hook
 from keras_custom.step.logs import LogBook
 from keras_custom.step.logs import describe
 
-STAGES = ("loss_term", "process_gradients", "after_update", "check")
+STAGES = ("loss_term", "compute_gradients", "process_gradients", "after_update", "check")
 
 
 def overrides(hook, stage):
@@ -75,6 +75,7 @@ class Pipeline:
         self.stage_hooks = {
             stage: tuple(h for h in self.hooks if overrides(h, stage)) for stage in STAGES
         }
+        self.gradient_hook = _gradient_hook(self.hooks, self.stage_hooks)
         self.evaluating = False
         self.compiled_names = set()  # the compiled metrics' names, from compile
         self.names_checked = False  # checked against the built metrics' names
@@ -106,3 +107,28 @@ class Pipeline:
         for hook in self.hooks:
             out.extend(v for v in hook.variables if id(v) not in hook._kept_on_skip)
         return out
+
+
+def _gradient_hook(hooks, stage_hooks):
+    """The one hook that takes over the gradients (`compute_gradients`), or None."""
+    takers = stage_hooks["compute_gradients"]
+    index = {id(h): i for i, h in enumerate(hooks)}
+    if len(takers) > 1:
+        first, second = takers[:2]
+        raise ValueError(
+            f"compile: {describe(first, index[id(first)])} and "
+            f"{describe(second, index[id(second)])} both compute the gradients "
+            "(`compute_gradients`); at most one hook per model may. "
+            f"Received: hooks={list(hooks)!r}"
+        )
+    if not takers:
+        return None
+    hook = takers[0]
+    if hook.has_window:
+        raise ValueError(
+            f"compile: {describe(hook, index[id(hook)])} computes the gradients "
+            "(`compute_gradients`), which cannot be switched on and off by a step "
+            "window. Received: "
+            f"start_step={hook.start_step}, stop_step={hook.stop_step}"
+        )
+    return hook

@@ -42,6 +42,9 @@ class StepState:
             scaled gradients were finite; `None` without loss scaling.
         objective: what `model.gradients_at_current_weights(objective=...)` asks
             for during a second pass; `None` in the step's own pass.
+        gradient_hook: the hook whose `compute_gradients` computed this step's
+            gradients, or `None` where the model took them itself (and in
+            `apply_hooks`, whose gradients come from the caller).
         scope: on JAX, the `keras.StatelessScope` holding the step's state.
         symbolic: `True` while Keras builds the model, its metrics and loss
             symbolically (before the first step): hooks take no part then.
@@ -55,6 +58,7 @@ class StepState:
         self.loss = None
         self.loss_scale_finite = None
         self.objective = None
+        self.gradient_hook = None
         self.log_weight = None  # a hook's window (0/1) times a replica share
         self.active = None  # while a hook with a window runs: whether it is active
         self.muted = False

@@ -6,7 +6,8 @@ step and the two steps themselves. A train step runs:
 
 1. `forward_pass(x, training)`
 2. `compute_loss(...)`: the compiled loss, `model.losses` and every hook's loss term
-3. the gradients (`_kc_loss_and_grads`, the backend's part)
+3. the gradients (`_kc_loss_and_grads`, the backend's part), or stages 1-3 by the
+   one hook that takes them over (`Hook.compute_gradients`)
 4. `process_gradients(grads, variables, step)`: every hook, in list order
 5. `apply_update(grads, variables, step)`: the optimizer, unless a hook asked to skip
 6. `after_update(step)`: every hook, in list order
@@ -320,21 +321,21 @@ class Trainer(_keras.SymbolicBuild):
 
     def fit(self, *args, **kwargs):
         pipeline = self._kc
-        extra = []
         if pipeline is not None:
-            if pipeline.stage_hooks["check"]:
-                extra.append(_CheckHooks())
-            extra.extend(c for hook in pipeline.hooks for c in hook.callbacks())
-        if extra:
-            args = list(args)
-            # Where `callbacks` sits in the `fit` we call: Keras's (x, y,
-            # batch_size, epochs, verbose, callbacks), or that of the class of an
-            # attached model (a KerasHub task's `fit` takes it by keyword only).
-            index = _callbacks_index(super().fit)
-            if index is not None and len(args) > index:
-                args[index] = _with_callbacks(args[index], extra)
-            else:
-                kwargs["callbacks"] = _with_callbacks(kwargs.get("callbacks"), extra)
+            first = [c for hook in pipeline.hooks for c in hook.callbacks()]
+            last = [_CheckHooks()] if pipeline.stage_hooks["check"] else []
+            if first or last:
+                args = list(args)
+                # Where `callbacks` sits in the `fit` we call: Keras's (x, y,
+                # batch_size, epochs, verbose, callbacks), or that of the class of
+                # an attached model (a KerasHub task's `fit` takes it by keyword).
+                index = _callbacks_index(super().fit)
+                if index is not None and len(args) > index:
+                    args[index] = _with_callbacks(args[index], first, last)
+                else:
+                    kwargs["callbacks"] = _with_callbacks(
+                        kwargs.get("callbacks"), first, last
+                    )
         return super().fit(*args, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
@@ -357,7 +358,7 @@ class Trainer(_keras.SymbolicBuild):
         with StepState(self, True, (x, y, sample_weight), **state_kwargs) as state:
             if self._kc_may_roll_back():
                 state.snapshot = self._kc_snapshot(self.non_trainable_variables)
-            y_pred, loss, grads, variables = self._kc_loss_and_grads(x, y, sample_weight)
+            y_pred, loss, grads, variables = self._kc_gradients(x, y, sample_weight)
             self._kc_track_loss(x, loss)
             if variables:
                 self._kc_update(state, loss, grads, variables)
@@ -384,6 +385,28 @@ class Trainer(_keras.SymbolicBuild):
                 pipeline.logs.claim(owner, name, pipeline.logs.reductions[name], reserved)
             pipeline.names_checked = True
         return logs
+
+    def _kc_gradients(self, x, y, sample_weight, variables=None):
+        """Stages 1-3: the backend's `_kc_loss_and_grads`, or the `compute_gradients`
+        of the hook that takes them over. Returns `(y_pred, loss, grads,
+        variables)`."""
+        pipeline = self._kc
+        hook = None if pipeline is None else pipeline.gradient_hook
+        if hook is None:
+            return self._kc_loss_and_grads(x, y, sample_weight, variables)
+        state = StepState.current()
+        if state is not None:
+            state.gradient_hook = hook
+        y_pred, loss, grads = hook.compute_gradients(self, x, y, sample_weight, variables)
+        if variables is None:
+            variables = self.trainable_variables
+        grads = list(grads)
+        if len(grads) != len(variables):
+            raise ValueError(
+                f"{type(hook).__name__}.compute_gradients must return one gradient "
+                f"per variable ({len(variables)}). Received: {len(grads)}"
+            )
+        return y_pred, self._kc_detach(loss), grads, list(variables)
 
     def _kc_may_roll_back(self):
         """Whether a step must keep what a skipped update restores."""
@@ -685,9 +708,7 @@ class Trainer(_keras.SymbolicBuild):
             variables = self.trainable_variables
         x, y, sample_weight = state.batch
         with state.scoped(objective=objective, muted=True):
-            _, loss, grads, _ = self._kc_loss_and_grads(
-                x, y, sample_weight, list(variables)
-            )
+            _, loss, grads, _ = self._kc_gradients(x, y, sample_weight, list(variables))
         grads, loss = self._kc_aggregate(list(grads), loss)
         return loss_scale.unscale(self.optimizer, grads), loss
 
@@ -725,6 +746,40 @@ class Trainer(_keras.SymbolicBuild):
         gradients of the scaled loss with respect to `variables` (default: the
         trainable variables, read after the forward pass, which may build the
         model)."""
+        raise NotImplementedError
+
+    def _kc_grad_wrt(self, fn, variables=()):
+        """Backend: one backward pass through `fn`, for gradients with respect to
+        variables and to tensors computed inside `fn`.
+
+        `fn(tap)` returns `(value, aux)`: a scalar and any structure of tensors
+        it wants back. Inside it, `tap(t)` returns `t` (or an equal tensor) and
+        marks `t` as a tensor whose gradient is wanted. On JAX only function
+        arguments can be differentiated, so `fn` runs twice while tracing (once
+        to find the tapped tensors' shapes, once for the backward pass) and the
+        tensors in `aux` are those of the second run: use them, not tensors kept
+        from inside `fn`. What `fn` assigns to variables stays assigned.
+
+        Returns:
+            `(value, aux, variable_grads, tap_grads)`: the gradients of `value`
+            with respect to `variables` and to each tapped tensor, in tap order
+            (zeros where `value` does not depend on one); `value` and `aux`
+            are cut from any gradient computation.
+        """
+        raise NotImplementedError
+
+    def _kc_vectorize(self, fn):
+        """Backend: `fn` mapped over the leading axis of every argument
+        (`jax.vmap`, `tf.vectorized_map`, `torch.func.vmap`). `fn` must not
+        assign variables; the random numbers it draws are not independent
+        per example."""
+        raise NotImplementedError
+
+    def _kc_vjp(self, fn, primals, cotangents):
+        """Backend: the vector-Jacobian product of `fn` (a function of a list of
+        tensors, returning tensors) at `primals`: the gradients of
+        `sum(fn(primals) * cotangents)` with respect to each of `primals`.
+        Works inside `_kc_vectorize`."""
         raise NotImplementedError
 
     def _kc_aggregate(self, grads, loss):
@@ -824,10 +879,10 @@ def _callbacks_index(fit):
     return None
 
 
-def _with_callbacks(callbacks, extra):
-    """The user's callbacks, then `extra` (`_CheckHooks`, the hooks' own: see
-    `Hook.callbacks`), each once: a `CallbackList` reused across `fit` calls
-    gets them once."""
+def _with_callbacks(callbacks, first, last):
+    """The user's callbacks with `first` (the hooks' own: see `Hook.callbacks`)
+    before them and `last` (`_CheckHooks`) after them, each once: a
+    `CallbackList` reused across `fit` calls gets them once."""
 
     def present(callback, where):
         if isinstance(callback, _CheckHooks):
@@ -835,12 +890,13 @@ def _with_callbacks(callbacks, extra):
         return any(c is callback for c in where)
 
     if isinstance(callbacks, keras.callbacks.CallbackList):
-        for callback in extra:
+        for callback in reversed(first):
             if not present(callback, callbacks.callbacks):
-                _keras.append_callback(callbacks, callback)
+                _keras.insert_callback(callbacks, 0, callback)
+        for callback in last:
+            if not present(callback, callbacks.callbacks):
+                _keras.insert_callback(callbacks, len(callbacks.callbacks), callback)
         return callbacks
     callbacks = list(callbacks or [])
-    for callback in extra:
-        if not present(callback, callbacks):
-            callbacks.append(callback)
-    return callbacks
+    kept = [c for c in callbacks if not present(c, first) and not present(c, last)]
+    return list(first) + kept + list(last)
