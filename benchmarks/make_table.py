@@ -4,16 +4,27 @@ docs/img/benchmarks.png.
     python benchmarks/make_table.py            # rewrite the table and the plot
     python benchmarks/make_table.py --check    # exit 1 if the page is out of date
 
-The JSON files are written by benchmarks/step_overhead.py. Each file holds either a
+The page has two generated sections, each from a folder of JSON files:
+
+- `benchmarks/results/*.json` (written by benchmarks/step_overhead.py), between
+  `<!-- benchmarks-table:start -->` and `<!-- benchmarks-table:end -->`, plotted
+  to docs/img/benchmarks.png;
+- `benchmarks/results/privacy/*.json` (written by benchmarks/privacy.py), between
+  `<!-- privacy-table:start -->` and `<!-- privacy-table:end -->`, plotted to
+  docs/img/privacy.png.
+
+With `--results` (and `--plot`) the script makes one section, between the first
+pair of markers.
+
+The JSON files are written by the benchmark scripts. Each file holds either a
 list of rows, or an object whose list of rows is under "results" (or "rows",
 "runs", "measurements") and whose other plain values (backend, versions, machine,
 ...) apply to every row of the file, or one row. A row maps column names to plain
 values; nested objects are flattened as "outer/inner". Columns whose value is the
 same in every row are stated once above the table instead of repeated.
 
-The table replaces what lies between the markers
-`<!-- benchmarks-table:start -->` and `<!-- benchmarks-table:end -->` in the page;
-nothing else of the page changes.
+The table replaces what lies between the section's markers in the page; nothing
+else of the page changes.
 
 A column that only restates another (`hooks`, the list of hooks, is fixed by
 `hook_set`, its name) is stated once per value of that column above the table
@@ -33,6 +44,21 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "benchmarks.png"
 START = "<!-- benchmarks-table:start -->"
 END = "<!-- benchmarks-table:end -->"
+PRIVACY_RESULTS = RESULTS / "privacy"
+PRIVACY_PLOT = ROOT / "docs" / "img" / "privacy.png"
+PRIVACY_START = "<!-- privacy-table:start -->"
+PRIVACY_END = "<!-- privacy-table:end -->"
+# (results folder, plot, start marker, end marker, plot title)
+SECTIONS = (
+    (RESULTS, PLOT, START, END, "keras_custom: cost of hooks per training step"),
+    (
+        PRIVACY_RESULTS,
+        PRIVACY_PLOT,
+        PRIVACY_START,
+        PRIVACY_END,
+        "keras_custom: cost of DifferentialPrivacy per training step",
+    ),
+)
 
 ROW_LISTS = ("results", "rows", "runs", "measurements")
 # Columns shown first, in this order, when present.
@@ -241,7 +267,7 @@ def plotted_column(rows):
     return next((c for c in candidates if all(_is_number(r.get(c)) for r in rows)), None)
 
 
-def plot(rows, path=PLOT):
+def plot(rows, path=PLOT, title=SECTIONS[0][4]):
     """Draws a horizontal bar chart of the plotted column, one colour per backend.
 
     Each bar is labelled by the row's non-numeric columns (backend aside). Returns
@@ -291,7 +317,7 @@ def plot(rows, path=PLOT):
     ax.grid(axis="x", alpha=0.3)
     if any(backends):
         ax.legend(title="backend")
-    ax.set_title("keras_custom: cost of hooks per training step")
+    ax.set_title(title)
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -310,61 +336,70 @@ def generated_block(rows, plot_path=None, page=PAGE):
     return text
 
 
-def replace_block(page_text, block, page=PAGE):
+def replace_block(page_text, block, page=PAGE, start=START, end=END):
     """The page with the text between the markers replaced by `block`."""
-    if page_text.count(START) != 1 or page_text.count(END) != 1:
+    if page_text.count(start) != 1 or page_text.count(end) != 1:
         raise ValueError(
-            f"{page}: expected one {START!r} and one {END!r} marker, in that order"
+            f"{page}: expected one {start!r} and one {end!r} marker, in that order"
         )
-    head, rest = page_text.split(START)
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{block}{END}{tail}"
+    head, rest = page_text.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{block}{end}{tail}"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=pathlib.Path, default=RESULTS)
+    parser.add_argument(
+        "--results", type=pathlib.Path, help="one folder of results (default: both)"
+    )
     parser.add_argument("--page", type=pathlib.Path, default=PAGE)
     parser.add_argument("--plot", type=pathlib.Path, default=PLOT)
     parser.add_argument(
         "--check",
         action="store_true",
-        help="write nothing; exit 1 if the page's table differs from the results",
+        help="write nothing; exit 1 if the page's tables differ from the results",
     )
     args = parser.parse_args(argv)
-    try:
-        rows = load_results(args.results)
-    except ResultsError as error:
-        parser.exit(1, f"make_table: {error}\n")
-    page_text = args.page.read_text(encoding="utf-8")
-    has_plot = rows and plotted_column(rows) is not None
-    if args.check:
-        block = generated_block(rows, args.plot if has_plot else None, args.page)
-        if replace_block(page_text, block, args.page) != page_text:
-            print(
-                f"{args.page} is out of date with {args.results}: run "
-                "python benchmarks/make_table.py",
-                file=sys.stderr,
-            )
-            return 1
-        if has_plot and not args.plot.exists():
-            print(
-                f"{args.plot} is missing: run python benchmarks/make_table.py",
-                file=sys.stderr,
-            )
-            return 1
-        print(f"{args.page}: table up to date ({len(rows)} rows)")
-        return 0
-    plot_path = plot(rows, args.plot) if has_plot else None
-    block = generated_block(rows, plot_path, args.page)
-    args.page.write_text(replace_block(page_text, block, args.page), encoding="utf-8")
-    print(f"{args.page}: {len(rows)} rows from {args.results}")
-    if plot_path is not None:
-        print(f"{plot_path}: plot of {plotted_column(rows)}")
-    elif rows:
-        print("no numeric column to plot")
+    if args.results is not None:
+        sections = [(args.results, args.plot, START, END, SECTIONS[0][4])]
     else:
-        print(f"no results in {args.results}: the page says so; no plot written")
+        sections = SECTIONS
+    page_text = args.page.read_text(encoding="utf-8")
+    for results, plot_path, start, end, title in sections:
+        try:
+            rows = load_results(results)
+        except ResultsError as error:
+            parser.exit(1, f"make_table: {error}\n")
+        has_plot = rows and plotted_column(rows) is not None
+        if args.check:
+            block = generated_block(rows, plot_path if has_plot else None, args.page)
+            if replace_block(page_text, block, args.page, start, end) != page_text:
+                print(
+                    f"{args.page} is out of date with {results}: run "
+                    "python benchmarks/make_table.py",
+                    file=sys.stderr,
+                )
+                return 1
+            if has_plot and not plot_path.exists():
+                print(
+                    f"{plot_path} is missing: run python benchmarks/make_table.py",
+                    file=sys.stderr,
+                )
+                return 1
+            print(f"{args.page}: table up to date ({len(rows)} rows from {results})")
+            continue
+        drawn = plot(rows, plot_path, title) if has_plot else None
+        block = generated_block(rows, drawn, args.page)
+        page_text = replace_block(page_text, block, args.page, start, end)
+        print(f"{args.page}: {len(rows)} rows from {results}")
+        if drawn is not None:
+            print(f"{drawn}: plot of {plotted_column(rows)}")
+        elif rows:
+            print("no numeric column to plot")
+        else:
+            print(f"no results in {results}: the page says so; no plot written")
+    if not args.check:
+        args.page.write_text(page_text, encoding="utf-8")
     return 0
 
 

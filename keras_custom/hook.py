@@ -194,7 +194,9 @@ class Hook(_keras.KerasSaveable):
 
         Args:
             model: the model.
-            x, y, sample_weight: the batch (this replica's part of it).
+            x: the batch's inputs (this replica's part of the batch).
+            y: its targets.
+            sample_weight: its sample weights, or `None`.
             variables: the variables to differentiate, or `None` for
                 `model.trainable_variables` (read after the forward pass, which
                 may build the model).

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import keras_custom as kc
+from keras_custom import _keras
 from keras_custom import hooks
 from keras_custom import privacy
 
@@ -153,7 +154,7 @@ def test_private_gradient_matches_a_loop_over_examples(name):
     for f, v in zip(updates["fast"], updates["vectorized"]):
         np.testing.assert_allclose(f, v, rtol=1e-5, atol=1e-6)
     # The model is as it was: no instance `call` left, same classes.
-    for layer in model._flatten_layers():
+    for layer in _keras.all_layers(model):
         assert "call" not in layer.__dict__, layer.name
 
 

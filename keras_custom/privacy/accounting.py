@@ -153,7 +153,10 @@ def noise_multiplier_for_epsilon(
 
     Args:
         target_epsilon: a float > 0.
-        sample_rate, steps, delta, accountant: as `epsilon` (`steps` >= 1).
+        sample_rate: as `epsilon`.
+        steps: as `epsilon` (>= 1).
+        delta: as `epsilon`.
+        accountant: as `epsilon`.
         tol: the tolerance on the noise multiplier.
 
     Returns:

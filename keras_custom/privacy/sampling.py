@@ -146,8 +146,9 @@ def poisson_batches(
     (whose mean over the batch they dilute), never in the gradient.
 
     Args:
-        x, y: arrays (or nested structures of arrays) with the same number `n` of
-            examples on their first axis.
+        x: an array (or a nested structure of arrays) of `n` examples on its
+            first axis.
+        y: the targets, with the same number of examples.
         expected_batch_size: the mean batch size, an integer from 1 to `n`.
         seed: an integer for a reproducible draw, or `None` for a secret one
             drawn from the operating system (the privacy guarantee assumes that
