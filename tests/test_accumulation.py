@@ -21,12 +21,16 @@ def _rel(ws, expected):
 
 
 def _hooks():
-    return [hooks.LogGradNorm(name="grad_norm_raw"), hooks.ClipByGlobalNorm(0.3),
-            hooks.LogGradNorm()]
+    return [
+        hooks.LogGradNorm(name="grad_norm_raw"),
+        hooks.ClipByGlobalNorm(0.3),
+        hooks.LogGradNorm(),
+    ]
 
 
-def _train(data, batch_size, steps=None, make_hooks=_hooks, epochs=2, cls=kc.Model,
-           clipnorm=None):
+def _train(
+    data, batch_size, steps=None, make_hooks=_hooks, epochs=2, cls=kc.Model, clipnorm=None
+):
     x, y = data
     model = mlp(cls)
     optimizer = keras.optimizers.SGD(
@@ -35,7 +39,11 @@ def _train(data, batch_size, steps=None, make_hooks=_hooks, epochs=2, cls=kc.Mod
     kwargs = {} if cls is keras.Model else {"hooks": make_hooks()}
     model.compile(optimizer, "mse", **kwargs)
     history = model.fit(
-        x[:32], 5.0 * y[:32], batch_size=batch_size, epochs=epochs, shuffle=False,
+        x[:32],
+        5.0 * y[:32],
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=False,
         verbose=0,
     )
     return model, history.history
@@ -46,7 +54,9 @@ def test_micro_batches_equal_one_big_batch_with_clipping(data):
     acc, acc_logs = _train(data, batch_size=8, steps=2)
     assert big_logs["grad_norm_raw"][0] > 0.3  # the clip bites
     assert _rel(acc.get_weights(), big.get_weights()) <= 1e-6
-    np.testing.assert_allclose(acc_logs["grad_norm_raw"], big_logs["grad_norm_raw"], rtol=1e-5)
+    np.testing.assert_allclose(
+        acc_logs["grad_norm_raw"], big_logs["grad_norm_raw"], rtol=1e-5
+    )
     np.testing.assert_allclose(acc_logs["grad_norm"], big_logs["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(acc_logs["loss"], big_logs["loss"], rtol=1e-5)
     # `step` and `optimizer.iterations` count updates, not micro-batches.
@@ -81,7 +91,8 @@ def test_skip_drops_the_whole_accumulated_update(data):
     x[9] = np.nan  # in the second micro-batch of the first update
     model = mlp(kc.Model)
     model.compile(
-        keras.optimizers.SGD(0.05, gradient_accumulation_steps=2), "mse",
+        keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
+        "mse",
         hooks=[hooks.SkipNonFinite()],
     )
     history = model.fit(x, y[:32], batch_size=8, shuffle=False, verbose=0)
@@ -97,7 +108,8 @@ def test_round_trip_in_the_middle_of_an_accumulation(data, tmp_path):
     def make():
         model = mlp(kc.Model)
         model.compile(
-            keras.optimizers.Adam(0.01, gradient_accumulation_steps=2), "mse",
+            keras.optimizers.Adam(0.01, gradient_accumulation_steps=2),
+            "mse",
             hooks=[hooks.ClipByGlobalNorm(0.3)],
         )
         return model
@@ -108,7 +120,9 @@ def test_round_trip_in_the_middle_of_an_accumulation(data, tmp_path):
     a.save(path)
     b = keras.models.load_model(path)
     assert b.gradient_accumulation_steps == 2
-    assert b.get_compile_config()["optimizer"]["config"]["gradient_accumulation_steps"] == 2
+    assert (
+        b.get_compile_config()["optimizer"]["config"]["gradient_accumulation_steps"] == 2
+    )
     for model in (a, b):
         model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     for wa, wb in zip(a.get_weights(), b.get_weights()):

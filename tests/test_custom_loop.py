@@ -48,7 +48,11 @@ def test_gradient_tape_loop_matches_fit(data):
 
 
 def _stack():
-    return [hooks.WeightPenalty(l2=1e-2), hooks.ClipByGlobalNorm(0.1), hooks.LogGradNorm()]
+    return [
+        hooks.WeightPenalty(l2=1e-2),
+        hooks.ClipByGlobalNorm(0.1),
+        hooks.LogGradNorm(),
+    ]
 
 
 def _fitted(data):

@@ -35,7 +35,9 @@ def test_docstring_examples_run(name):
         pytest.importorskip(NEEDS[name])
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder()
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner = doctest.DocTestRunner(
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
     globs = {"keras": keras, "kc": keras_custom}
     for test in finder.find(module, name, globs=dict(globs, **vars(module))):
         runner.run(test)

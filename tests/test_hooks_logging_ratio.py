@@ -24,7 +24,9 @@ npv = keras.ops.convert_to_numpy
             st.integers(1, 6),
             # Norms are float32 sums of squares: magnitudes below ~1e-19 underflow
             # (documented in `global_norm`), so the reference would disagree there.
-            elements=st.floats(-4, 4, width=32).filter(lambda v: v == 0 or abs(v) > 1e-15),
+            elements=st.floats(-4, 4, width=32).filter(
+                lambda v: v == 0 or abs(v) > 1e-15
+            ),
         ),
         min_size=1,
         max_size=3,

@@ -36,9 +36,14 @@ def test_one_global_norm_across_groups(data):
     for optimizer, extra in ((keras.optimizers.SGD(0.1), []), (_multi(), [seen])):
         model = mlp(kc.Model)
         model.compile(
-            optimizer, "mse",
-            hooks=extra + [hooks.LogGradNorm(name="raw"), hooks.ClipByGlobalNorm(0.2),
-                           hooks.LogGradNorm()],
+            optimizer,
+            "mse",
+            hooks=extra
+            + [
+                hooks.LogGradNorm(name="raw"),
+                hooks.ClipByGlobalNorm(0.2),
+                hooks.LogGradNorm(),
+            ],
         )
         logs = model.fit(x, 5 * y, batch_size=16, shuffle=False, verbose=0).history
         runs.append((model, logs))
@@ -55,7 +60,9 @@ def test_one_global_norm_across_groups(data):
 def test_two_learning_rates_apply_to_their_group(data):
     x, y = data
     model = mlp(kc.Model)
-    model.compile(_multi(lr_hidden=0.0, lr_out=0.1), "mse", hooks=[hooks.ClipByGlobalNorm(1.0)])
+    model.compile(
+        _multi(lr_hidden=0.0, lr_out=0.1), "mse", hooks=[hooks.ClipByGlobalNorm(1.0)]
+    )
     before = {v.path: keras.ops.convert_to_numpy(v) for v in model.trainable_variables}
     model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
     for v in model.trainable_variables:
@@ -69,7 +76,8 @@ def test_both_optimizer_states_save_and_reload(data, tmp_path):
     def make():
         model = mlp(kc.Model)
         model.compile(
-            _multi(lr_out=0.05, hidden=keras.optimizers.Adam(0.01)), "mse",
+            _multi(lr_out=0.05, hidden=keras.optimizers.Adam(0.01)),
+            "mse",
             hooks=[hooks.ClipByGlobalNorm(0.5)],
         )
         return model

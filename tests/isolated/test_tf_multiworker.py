@@ -21,7 +21,7 @@ from keras_custom import hooks  # noqa: E402
 
 TIMEOUT = 240  # seconds for both workers together
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -59,7 +59,7 @@ for epoch in range(2):
 np.savez(sys.argv[2], *[np.array(w) for w in model.get_weights()])
 with open(sys.argv[2] + ".json", "w") as f:
     json.dump(logs, f)
-'''
+"""
 
 
 def _free_ports(n):
@@ -84,9 +84,15 @@ def _single_device(x, y):
     inputs = keras.Input((6,))
     h = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
     model = kc.Model(inputs, keras.layers.Dense(1, name="out")(h))
-    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse", hooks=[
-        hooks.LogGradNorm(name="grad_norm_raw"), hooks.ClipByGlobalNorm(0.3),
-        hooks.LogGradNorm()])
+    model.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        "mse",
+        hooks=[
+            hooks.LogGradNorm(name="grad_norm_raw"),
+            hooks.ClipByGlobalNorm(0.3),
+            hooks.LogGradNorm(),
+        ],
+    )
     logs = []
     for _ in range(2):
         for b in range(2):
@@ -102,12 +108,26 @@ def test_two_workers_match_one_device(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     procs = []
     for i in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps(
-            {"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "data.npz"),
-             str(tmp_path / f"out{i}.npz")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": i}}
+            ),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(tmp_path / "worker.py"),
+                    str(tmp_path / "data.npz"),
+                    str(tmp_path / f"out{i}.npz"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -124,11 +144,16 @@ def test_two_workers_match_one_device(tmp_path):
     flat = np.concatenate([np.ravel(w) for w in weights])
     for i in range(2):
         saved = np.load(tmp_path / f"out{i}.npz")
-        theirs = np.concatenate([np.ravel(saved[f"arr_{k}"]) for k in range(len(weights))])
+        theirs = np.concatenate(
+            [np.ravel(saved[f"arr_{k}"]) for k in range(len(weights))]
+        )
         assert np.linalg.norm(theirs - flat) <= 1e-6 * np.linalg.norm(flat)
         worker_logs = json.loads((tmp_path / f"out{i}.npz.json").read_text())
         for key in ("grad_norm_raw", "grad_norm", "loss"):
             np.testing.assert_allclose(
                 [entry[key] for entry in worker_logs],
-                [float(entry[key]) for entry in logs], rtol=1e-5, err_msg=key)
+                [float(entry[key]) for entry in logs],
+                rtol=1e-5,
+                err_msg=key,
+            )
     assert max(entry["grad_norm_raw"] for entry in logs) > 0.3  # the clip bites
