@@ -8,6 +8,12 @@ each file of tests/isolated/ in a process of its own.
 A file in tests/isolated/ named `test_<backend>_*.py` (backend: tf, jax, torch)
 runs only on that backend; others run on every backend. Prints one closing line
 'N passed, N failed, N skipped' over all runs and exits non-zero if any failed.
+
+With pytest-xdist installed (the `test` extra), each backend's main run spreads
+its test files over `--workers` processes (default: the machine's cores, at most
+4; `--workers 1` runs in one process). A file's tests stay in one process
+(`--dist loadfile`), so a module's fixtures are built once. tests/isolated/ files
+always run in one process each.
 """
 
 import argparse
@@ -29,12 +35,14 @@ def installed(backend):
     return importlib.util.find_spec(MODULE[backend]) is not None
 
 
-def run(backend, paths, extra_env=None):
+def run(backend, paths, extra_env=None, workers=1):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env.update(extra_env or {})
     with tempfile.TemporaryDirectory() as tmp:
         report = pathlib.Path(tmp) / "report.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", *paths]
+        if workers > 1:
+            cmd[4:4] = ["-n", str(workers), "--dist", "loadfile"]
         start = time.time()
         code = subprocess.call(cmd, cwd=ROOT, env=env)
         counts = {"passed": 0, "failed": 0, "skipped": 0}
@@ -67,29 +75,47 @@ def main():
     )
     parser.add_argument("--no-isolated", action="store_true", help="skip tests/isolated/")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes per backend's main run (needs pytest-xdist; default: the "
+        "machine's cores, at most 4)",
+    )
+    parser.add_argument(
         "paths",
         nargs="*",
         default=["tests"],
         help="what pytest runs in each backend's process (default: tests)",
     )
     args = parser.parse_args()
+    workers = args.workers
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if workers > 1 and importlib.util.find_spec("xdist") is None:
+        print(f"pytest-xdist is not installed: one process per run, not {workers}")
+        workers = 1
     total = {"passed": 0, "failed": 0, "skipped": 0}
+    # Files that tests/isolated/test_portable.py writes under each backend, shared
+    # by its runs under every backend (each reads all of them).
+    shared = tempfile.TemporaryDirectory()
+    isolated_env = {"KC_ISOLATED": "1", "KC_PORTABLE_FILES": shared.name}
     isolated = sorted((ROOT / "tests" / "isolated").glob("test_*.py"))
     for backend in args.backends:
         if not installed(backend):
             print(f"[{backend}] not installed: FAILED (install the extra)", flush=True)
             total["failed"] += 1
             continue
-        runs = [(list(args.paths), None)]
+        runs = [(list(args.paths), None, workers)]
         if not args.no_isolated:
             for path in isolated:
                 parts = path.stem.split("_")
                 if parts[1] in SHORT.values() and parts[1] != SHORT[backend]:
                     continue
-                runs.append(([str(path.relative_to(ROOT))], {"KC_ISOLATED": "1"}))
-        for paths, env in runs:
-            for key, value in run(backend, paths, env).items():
+                runs.append(([str(path.relative_to(ROOT))], isolated_env, 1))
+        for paths, env, n in runs:
+            for key, value in run(backend, paths, env, n).items():
                 total[key] += value
+    shared.cleanup()
     print(
         f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped"
     )
