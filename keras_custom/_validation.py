@@ -65,21 +65,7 @@ def optional_int(hook, name, value, minimum, maximum=INT64_MAX):
     """`None` or an integer from `minimum` to `maximum` (returned as `int`)."""
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise ValueError(
-            f"{_owner(hook)}: `{name}` must be None or an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    if value > maximum:
-        raise ValueError(
-            f"{_owner(hook)}: `{name}` must be at most {maximum}. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
+    return integer(hook, name, value, minimum, maximum, _none_ok=True)
 
 
 def name(hook, value):
@@ -140,15 +126,17 @@ def boolean(hook, name, value):
     return value
 
 
-def integer(hook, name, value, minimum, maximum=INT64_MAX):
-    """An integer from `minimum` to `maximum` (returned as `int`)."""
+def integer(hook, name, value, minimum, maximum=INT64_MAX, _none_ok=False):
+    """An integer from `minimum` to `maximum` (returned as `int`). `hook` is the
+    hook, or the name of what checks (used in the message)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
         or value < minimum
     ):
+        what = "None or an integer" if _none_ok else "an integer"
         raise ValueError(
-            f"{_owner(hook)}: `{name}` must be an integer >= {minimum}. "
+            f"{_owner(hook)}: `{name}` must be {what} >= {minimum}. "
             f"Received: {name}={value!r}"
         )
     if value > maximum:

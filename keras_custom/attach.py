@@ -15,6 +15,7 @@ import keras
 from keras_custom.backend import Trainer
 from keras_custom.step import accumulation
 from keras_custom.step.pipeline import validate_hooks
+from keras_custom.step.trainer import attributes_kept_on_error
 
 _KerasModel = keras.Model  # kept at import (see `keras_custom/models.py`)
 _HOOKED = {}
@@ -173,16 +174,8 @@ def hooked_class(cls):
 def _install(model, hooks):
     """`model._kc_attach(hooks)`; a failure (a hook that refuses the model in its
     `build`) leaves the model's attributes as they were."""
-    saved = dict(model.__dict__)
-    try:
+    with attributes_kept_on_error(model):
         model._kc_attach(hooks)
-    except Exception:
-        for key in list(model.__dict__):
-            if key not in saved:
-                object.__delattr__(model, key)
-        for key, value in saved.items():
-            object.__setattr__(model, key, value)
-        raise
 
 
 def _set_class(model, cls):

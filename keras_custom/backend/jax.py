@@ -75,19 +75,13 @@ class JAXTrainer(Trainer, _keras.JAXState):
     # ------------------------------------------------------------------ steps
     def train_step(self, state, data):
         trainable, non_trainable, optimizer_values, metrics_values = state
-        groups = self._kc_groups(training=True)
-        n = len(groups["metrics"])
-        values = {
-            "trainable": trainable,
-            "non_trainable": non_trainable,
-            "optimizer": optimizer_values,
-            "metrics": metrics_values[:n],
-            "extra": metrics_values[n:],
-        }
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with _int64_quiet(), self._kc_scope(groups, values) as scope:
-            logs = self._kc_train(x, y, sample_weight, scope=scope)
-        new = self._kc_collect(scope, self._kc_groups(training=True))
+        logs, new = self._kc_step_in_scope(
+            data,
+            metrics_values,
+            trainable=trainable,
+            non_trainable=non_trainable,
+            optimizer=optimizer_values,
+        )
         return logs, (
             new["trainable"],
             new["non_trainable"],
@@ -97,23 +91,29 @@ class JAXTrainer(Trainer, _keras.JAXState):
 
     def test_step(self, state, data):
         trainable, non_trainable, metrics_values = state
-        groups = self._kc_groups(training=False)
-        n = len(groups["metrics"])
-        values = {
-            "trainable": trainable,
-            "non_trainable": non_trainable,
-            "metrics": metrics_values[:n],
-            "extra": metrics_values[n:],
-        }
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with _int64_quiet(), self._kc_scope(groups, values) as scope:
-            logs = self._kc_test(x, y, sample_weight, scope=scope)
-        new = self._kc_collect(scope, self._kc_groups(training=False))
+        logs, new = self._kc_step_in_scope(
+            data, metrics_values, trainable=trainable, non_trainable=non_trainable
+        )
         return logs, (
             new["trainable"],
             new["non_trainable"],
             new["metrics"] + new["extra"],
         )
+
+    def _kc_step_in_scope(self, data, metrics_values, **values):
+        """Runs the shared train step (`values` has "optimizer") or test step in
+        one `StatelessScope` holding `fit`'s state; returns the logs and the new
+        state by group. Keras's metrics values come first in `metrics_values`,
+        then those of the trackers our logs add ("extra")."""
+        training = "optimizer" in values
+        groups = self._kc_groups(training=training)
+        n = len(groups["metrics"])
+        values.update(metrics=metrics_values[:n], extra=metrics_values[n:])
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        step = self._kc_train if training else self._kc_test
+        with _int64_quiet(), self._kc_scope(groups, values) as scope:
+            logs = step(x, y, sample_weight, scope=scope)
+        return logs, self._kc_collect(scope, self._kc_groups(training=training))
 
     @contextlib.contextmanager
     def _kc_scope(self, groups, values):

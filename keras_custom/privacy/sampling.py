@@ -7,25 +7,17 @@ joins the batch independently with probability `q = expected_batch_size / n`, so
 batch sizes vary. `poisson_batches` feeds `fit` such batches.
 """
 
-import numbers
 import secrets
 
 import keras
 import numpy as np
 from keras import tree
 
+from keras_custom import _validation
+
 
 def _check_int(name, value, minimum):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise ValueError(
-            f"poisson_batches: `{name}` must be an integer >= {minimum}. "
-            f"Received: {name}={value!r}"
-        )
-    return int(value)
+    return _validation.integer("poisson_batches", name, value, minimum)
 
 
 class PoissonBatches(keras.utils.PyDataset):

@@ -23,6 +23,7 @@ how state is threaded through the compiled step (JAX). What a step knows is one
 `Pipeline` (`keras_custom/step/pipeline.py`).
 """
 
+import contextlib
 import inspect
 import warnings
 
@@ -71,17 +72,9 @@ class Trainer(_keras.SymbolicBuild):
         model as it was.
         """
         new = self.hooks if hooks is KEEP else validate_hooks(hooks)
-        saved = dict(self.__dict__)
-        try:
+        with attributes_kept_on_error(self):
             super().compile(*args, **kwargs)
             self._kc_install(new, accumulation.take_over(self.optimizer))
-        except Exception:
-            for key in list(self.__dict__):
-                if key not in saved:
-                    object.__delattr__(self, key)
-            for key, value in saved.items():
-                object.__setattr__(self, key, value)
-            raise
 
     @property
     def hooks(self):
@@ -859,6 +852,22 @@ def _takes_training(method):
             found = True
         _TAKES_TRAINING[func] = found
     return found
+
+
+@contextlib.contextmanager
+def attributes_kept_on_error(obj):
+    """Leaves `obj`'s attributes as they were when the block raises (a failed
+    `compile` or `attach` changes nothing)."""
+    saved = dict(obj.__dict__)
+    try:
+        yield
+    except Exception:
+        for key in list(obj.__dict__):
+            if key not in saved:
+                object.__delattr__(obj, key)
+        for key, value in saved.items():
+            object.__setattr__(obj, key, value)
+        raise
 
 
 def _callbacks_index(fit):
