@@ -23,10 +23,24 @@ def global_norm(grads):
     total = ops.convert_to_tensor(0.0, "float32")
     for g in grads:
         if g is not None:
-            if keras.backend.standardize_dtype(g.dtype) != "float32":
-                g = ops.cast(g, "float32")
-            total = total + ops.sum(ops.square(g))
+            total = total + sum_of_squares(g)
     return ops.sqrt(total)
+
+
+def sum_of_squares(x):
+    """`sum(x**2)` over every element, in float32, as one dot product of the
+    flattened tensor with itself (no temporary tensor of squares: on the eager
+    PyTorch backend one kernel instead of two).
+
+    >>> float(sum_of_squares(keras.ops.array([[3.0], [4.0]])))
+    25.0
+    """
+    if keras.backend.standardize_dtype(x.dtype) != "float32":
+        # Only when needed: even a no-op cast costs Python work on every eager
+        # PyTorch step.
+        x = ops.cast(x, "float32")
+    flat = ops.reshape(x, (-1,))
+    return ops.vdot(flat, flat)
 
 
 def step_global_norm(hook, grads):

@@ -7,6 +7,7 @@ from keras_custom import _selection
 from keras_custom import _validation
 from keras_custom.hook import Hook
 from keras_custom.hook import Strength
+from keras_custom.hooks.clipping import sum_of_squares
 
 
 def weight_penalty(weights, l1=0.0, l2=0.0):
@@ -29,22 +30,24 @@ def weight_penalty(weights, l1=0.0, l2=0.0):
     2.0
     """
     terms = []
-    for strength, fn in ((l1, ops.abs), (l2, ops.square)):
+    for strength, fn in ((l1, _sum_of_abs), (l2, sum_of_squares)):
         if isinstance(strength, (int, float)) and strength == 0:
             continue
         total = None
         for w in weights:
-            if keras.backend.standardize_dtype(w.dtype) != "float32":
-                # Only when needed: even a no-op cast costs Python work on every
-                # eager PyTorch step.
-                w = ops.cast(w, "float32")
-            part = ops.sum(fn(w))
+            part = fn(w)
             total = part if total is None else total + part
         if total is not None:
             terms.append(ops.cast(strength, "float32") * total)
     if not terms:
         return ops.convert_to_tensor(0.0, "float32")
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _sum_of_abs(x):
+    if keras.backend.standardize_dtype(x.dtype) != "float32":
+        x = ops.cast(x, "float32")
+    return ops.sum(ops.abs(x))
 
 
 @keras.saving.register_keras_serializable(package="keras_custom")
