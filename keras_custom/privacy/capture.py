@@ -111,11 +111,7 @@ class DenseRule(Rule):
         (inputs,) = args
         # keras.layers.Dense.call, with the tap before the activation.
         z = ops.matmul(inputs, layer.kernel)
-        if layer.bias is not None:
-            z = ops.add(z, layer.bias)
-        z = tap(z)
-        out = layer.activation(z) if layer.activation is not None else z
-        return out, inputs, {}
+        return _biased_activation(layer, z, tap), inputs, {}
 
     def sq_norms(self, model, call, g):
         return ghost.dense_sq_norms(call.saved, g, use_bias=call.layer.bias is not None)
@@ -125,10 +121,24 @@ class DenseRule(Rule):
         kernel, bias = ghost.dense_clipped_grads(
             call.saved, g, c, use_bias=layer.bias is not None
         )
-        out = {id(layer.kernel): kernel}
-        if layer.bias is not None:
-            out[id(layer.bias)] = bias
-        return out
+        return _kernel_and_bias(layer, kernel, bias)
+
+
+def _biased_activation(layer, z, tap):
+    """The rest of a Dense or EinsumDense call after its product `z`: the bias,
+    the tap (where the output gradient is taken), the activation."""
+    if layer.bias is not None:
+        z = ops.add(z, layer.bias)
+    z = tap(z)
+    return layer.activation(z) if layer.activation is not None else z
+
+
+def _kernel_and_bias(layer, kernel, bias):
+    """`{id(variable): gradient}` of a Dense or EinsumDense layer."""
+    out = {id(layer.kernel): kernel}
+    if layer.bias is not None:
+        out[id(layer.bias)] = bias
+    return out
 
 
 class EinsumDenseRule(Rule):
@@ -148,11 +158,7 @@ class EinsumDenseRule(Rule):
         except ghost.UnsupportedEquation:
             return None
         z = ops.einsum(layer.equation, inputs, layer.kernel)
-        if layer.bias is not None:
-            z = ops.add(z, layer.bias)
-        z = tap(z)
-        out = layer.activation(z) if layer.activation is not None else z
-        return out, inputs, {}
+        return _biased_activation(layer, z, tap), inputs, {}
 
     def _bias_axes(self, layer):
         return layer.bias_axes if layer.bias is not None else None
@@ -169,10 +175,7 @@ class EinsumDenseRule(Rule):
         kernel, bias = ghost.einsum_clipped_grads(
             layer.equation, call.saved, g, c, self._bias_axes(layer), bias_shape
         )
-        out = {id(layer.kernel): kernel}
-        if layer.bias is not None:
-            out[id(layer.bias)] = bias
-        return out
+        return _kernel_and_bias(layer, kernel, bias)
 
 
 class EmbeddingRule(Rule):
